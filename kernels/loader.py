@@ -1,0 +1,91 @@
+"""Run-time compilation of the CUDA sources in kernels/cuda through CuPy (NVRTC), and launches on
+PyTorch's current stream.
+
+Compiled modules are cached twice: in-process per (device, source, defines), and on disk by CuPy
+in ``$CUPY_CACHE_DIR`` (default ``~/.cupy/kernel_cache``), so a second process start does not
+recompile.
+"""
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+
+
+def cupy_available() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def arch_flag(major: int, minor: int) -> str:
+    """sm_90a on Hopper unlocks wgmma/setmaxnreg; other archs get their plain target."""
+    suffix = "a" if (major, minor) == (9, 0) else ""
+    return f"sm_{major}{minor}{suffix}"
+
+
+def source_text(name: str) -> str:
+    path = CUDA_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"CUDA source {path} is missing; reinstall sparse_llm or restore kernels/cuda/")
+    return path.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_index: int, name: str, defines: tuple[tuple[str, str], ...]):
+    import cupy
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    options = ("-std=c++17", f"-arch={arch_flag(major, minor)}", f"-I{CUDA_DIR}")
+    options += tuple(f"-D{key}={value}" for key, value in defines)
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=source_text(name), options=options, name_expressions=None)
+
+
+def get_kernel(name: str, function: str, device: torch.device, **defines):
+    """The compiled `function` of kernels/cuda/`name` for `device`, with `-DKEY=VALUE` defines."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    module = _module(index, name, tuple(sorted((k, str(v)) for k, v in defines.items())))
+    return module.get_function(function)
+
+
+def ptr(tensor: torch.Tensor | None) -> np.uint64:
+    """A tensor's device address as a kernel argument (a null pointer for None)."""
+    return np.uint64(0 if tensor is None else tensor.data_ptr())
+
+
+def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream, so kernels order with torch ops and CUDA-graph capture works."""
+    import cupy
+
+    if shared_mem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+    stream = torch.cuda.current_stream()
+    with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+        kernel(grid, block, args, shared_mem=shared_mem)
+
+
+def nvcc_compile_check(name: str, arch: str = "sm_90a", defines: dict | None = None) -> str:
+    """Compile a source to a cubin with nvcc (no GPU needed); returns the ptxas resource report.
+
+    Used by CI so that a kernel that does not compile fails without a GPU.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found on PATH; install the CUDA toolkit to compile-check kernels")
+    gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"
+    cmd = [nvcc, "-cubin", "-std=c++17", gencode, "-Xptxas", "-v", f"-I{CUDA_DIR}", "-o", "/dev/null"]
+    cmd += [f"-D{k}={v}" for k, v in (defines or {}).items()]
+    cmd.append(str(CUDA_DIR / name))
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvcc failed on kernels/cuda/{name} for {arch}:\n{result.stderr}")
+    return result.stderr

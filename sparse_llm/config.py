@@ -1,0 +1,196 @@
+"""Typed configuration: one dataclass per Hydra config group, composed into `TrainConfig`.
+
+The dataclasses are registered in Hydra's ConfigStore as schemas, so a YAML file or command-line
+override with an unknown key or a value of the wrong type fails at composition. `validate()` then
+checks what types cannot: divisibility, ranges and choices, with errors that name the key and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+FFN_KINDS = ("swiglu", "relu_gated", "relu")
+KERNELS = ("torch", "twell", "hybrid", "auto")
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512
+    vocab_size: int = 4096
+    seq_len: int = 256
+    rope_theta: float = 1e5
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class SparsityConfig:
+    name: str = "l1"
+    ffn: str = "relu_gated"
+    l1: float = 2e-5
+    l1_warmup_steps: int = 0
+
+
+@dataclass
+class KernelConfig:
+    name: str = "torch"
+
+
+@dataclass
+class DataConfig:
+    name: str = "default"
+    # default: the corpus the project prepares itself, cached under `root`.
+    # shards: a directory prepared by `python data/prepare.py` (holding manifest.json).
+    root: str = "data/cache/default"
+    path: Optional[str] = None
+    vocab_size: int = 4096
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_steps: int = 600
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays linearly to min_lr
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    keep_latest: int = 2
+    resume: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "sparse_llm"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_name: str = "tiny"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    max_steps: int = 1000
+    tokens_per_step: int = 16384
+    micro_batch_size: int = 16
+    eval_interval: int = 100
+    eval_batches: int = 8
+
+
+def register_configs() -> None:
+    """Register the schema that conf/train.yaml lists first, so every YAML file and override is
+    type-checked against the dataclasses (an unknown key is an error)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, f"{key}={value} must be > 0")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check every value that the schema's types cannot; raise ConfigError naming the key."""
+    m = cfg.model
+    for key in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _require(m.d_model % m.n_heads == 0,
+             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+             f"pick n_heads that divides d_model")
+    _require((m.d_model // m.n_heads) % 2 == 0,
+             f"model.d_model / model.n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    _choice("sparsity.ffn", cfg.sparsity.ffn, FFN_KINDS)
+    _require(cfg.sparsity.l1 >= 0, f"sparsity.l1={cfg.sparsity.l1} must be >= 0 (0 disables the penalty)")
+    _require(cfg.sparsity.l1 == 0 or cfg.sparsity.ffn != "swiglu",
+             "sparsity.l1 > 0 needs a ReLU FFN: set sparsity.ffn=relu_gated (or sparsity=l1)")
+    _require(cfg.sparsity.l1_warmup_steps >= 0, "sparsity.l1_warmup_steps must be >= 0")
+    _choice("kernel.name", cfg.kernel.name, KERNELS)
+    _require(cfg.kernel.name == "torch" or cfg.sparsity.ffn != "swiglu",
+             f"kernel={cfg.kernel.name} needs a ReLU FFN; use kernel=torch with sparsity=dense")
+    _choice("data.name", cfg.data.name, ("default", "shards"))
+    _require(cfg.data.name != "shards" or bool(cfg.data.path),
+             "data=shards needs data.path=<directory with manifest.json> (made by `python data/prepare.py`)")
+    _positive("optim.lr", cfg.optim.lr)
+    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _require(all(0 <= b < 1 for b in cfg.optim.betas), f"optim.betas={list(cfg.optim.betas)} must lie in [0, 1)")
+    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+    _choice("schedule.name", cfg.schedule.name, SCHEDULES)
+    _require(cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0")
+    _require(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio must lie in [0, 1]")
+    _require(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction must lie in (0, 1]")
+    _choice("precision.name", cfg.precision.name, PRECISIONS)
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _positive("logging.interval", cfg.logging.interval)
+    _positive("checkpoint.interval", cfg.checkpoint.interval)
+    _positive("checkpoint.keep_latest", cfg.checkpoint.keep_latest)
+    _positive("max_steps", cfg.max_steps)
+    _positive("micro_batch_size", cfg.micro_batch_size)
+    _positive("eval_interval", cfg.eval_interval)
+    _require(cfg.eval_batches >= 0, "eval_batches must be >= 0")
+    _require(bool(cfg.run_name) and "/" not in cfg.run_name,
+             f"run_name={cfg.run_name!r} must be a non-empty name without '/'")
+    grad_accumulation_steps(cfg, world_size)
+
+
+def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank, derived from tokens_per_step."""
+    tokens_per_micro_step = cfg.micro_batch_size * cfg.model.seq_len * world_size
+    _require(cfg.tokens_per_step > 0 and cfg.tokens_per_step % tokens_per_micro_step == 0,
+             f"tokens_per_step={cfg.tokens_per_step} must be a positive multiple of micro_batch_size x "
+             f"model.seq_len x world size = {cfg.micro_batch_size} x {cfg.model.seq_len} x {world_size} "
+             f"= {tokens_per_micro_step}")
+    return cfg.tokens_per_step // tokens_per_micro_step

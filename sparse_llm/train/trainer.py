@@ -1,0 +1,211 @@
+"""The training loop: gradient accumulation, clipping, schedules, periodic eval, logging, checkpoints.
+
+Everything that must survive a restart is in `state_dict()`; the loop reads device values back to
+the host only at log, eval and checkpoint steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+
+from sparse_llm.config import TrainConfig
+from sparse_llm.model.flops import flops_per_token
+from sparse_llm.parallel.distributed import World, all_reduce_sum
+from sparse_llm.sparsity.l1 import l1_coefficient
+from sparse_llm.sparsity.stats import SparsityStats
+from sparse_llm.train import checkpoint
+from sparse_llm.train.loggers import MetricLogger
+from sparse_llm.train.loss import lm_loss
+from sparse_llm.train.schedule import lr_at
+
+log = logging.getLogger("sparse_llm")
+GIB = 2**30
+
+
+class Callback(Protocol):
+    """Extra work after each optimizer step; may add metrics on log steps."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Optional[dict[str, float]]) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class IntervalTotals:
+    """Device-side sums over the current logging interval (no host sync until read)."""
+    ce_sum: torch.Tensor
+    l1_term: torch.Tensor
+    grad_norm: torch.Tensor
+    steps: int = 0
+    tokens: int = 0
+    data_time: float = 0.0
+    start: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "IntervalTotals":
+        z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        return cls(z(), z(), z(), start=time.perf_counter())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 train_loader, val_loader, logger: MetricLogger, run_dir: Path, grad_accum: int,
+                 callbacks: Optional[list[Callback]] = None):
+        self.cfg, self.world, self.model, self.optimizer = cfg, world, model, optimizer
+        self.train_loader, self.val_loader, self.logger = train_loader, val_loader, logger
+        self.run_dir, self.grad_accum = run_dir, grad_accum
+        self.callbacks = callbacks or []
+        self.step = 0
+        self.tokens_seen = 0
+        self.device = world.device
+        self.autocast = _autocast(cfg.precision.name, world.device)
+        self.token_normalizer = cfg.tokens_per_step / world.size
+        self.stats = SparsityStats(cfg.model.n_layers, cfg.model.d_ff, world.device)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.sparsity.ffn)
+        self.last_metrics: dict[str, float] = {}
+        self._lr = self._l1_coef = 0.0
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "data": self.train_loader.state_dict(), "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["data"])
+        self.step = state["trainer"]["step"]
+        self.tokens_seen = state["trainer"]["tokens_seen"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def save_checkpoint(self) -> None:
+        if self.world.is_main:
+            path = checkpoint.save(self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_latest)
+            log.info("saved checkpoint %s", path)
+
+    # ---- loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.step >= cfg.max_steps:
+            log.info("run already finished at step %d (max_steps=%d)", self.step, cfg.max_steps)
+            return self.last_metrics
+        self.model.train()
+        totals = IntervalTotals.zeros(self.device)
+        while self.step < cfg.max_steps:
+            self._train_step(totals)
+            self.step += 1
+            metrics = None
+            if self.step % cfg.logging.interval == 0 or self.step == cfg.max_steps:
+                metrics = self._interval_metrics(totals)
+                totals = IntervalTotals.zeros(self.device)
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                metrics = {**(metrics or {}), **self.evaluate()}
+            for callback in self.callbacks:
+                callback.on_step_end(self, self.step, metrics)
+            if metrics is not None:
+                self.logger.log(metrics, self.step)
+                self.last_metrics.update(metrics)
+            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        return self.last_metrics
+
+    def _train_step(self, totals: IntervalTotals) -> None:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.optim.lr, cfg.max_steps, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        l1_coef = l1_coefficient(cfg.sparsity.l1, self.step, cfg.sparsity.l1_warmup_steps)
+        for _ in range(self.grad_accum):
+            data_start = time.perf_counter()
+            inputs, targets = self.train_loader.next_batch()
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            totals.data_time += time.perf_counter() - data_start
+            with self.autocast:
+                output = self.model(inputs)
+            parts = lm_loss(output, targets, l1_coef, self.token_normalizer)
+            parts.total.backward()
+            totals.ce_sum += parts.ce_sum
+            totals.l1_term += parts.l1_term
+            self.stats.update(output.ffn_stats)
+            totals.tokens += targets.numel()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        totals.grad_norm += grad_norm.detach().double()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals.steps += 1
+        self.tokens_seen += self.cfg.tokens_per_step
+        self._lr, self._l1_coef = lr, l1_coef
+
+    def _interval_metrics(self, totals: IntervalTotals) -> dict[str, float]:
+        sums = all_reduce_sum(torch.stack([totals.ce_sum, totals.l1_term]))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - totals.start
+        global_tokens = totals.steps * self.cfg.tokens_per_step
+        ce = sums[0].item() / global_tokens
+        # each rank's l1_term is already a share of the global mean; summing the ranks gives the mean
+        l1_term = sums[1].item() / totals.steps
+        grad_norm = totals.grad_norm.item() / totals.steps
+        if not (math.isfinite(ce) and math.isfinite(l1_term) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at step {self.step} (ce={ce}, l1_term={l1_term}, grad_norm={grad_norm}); "
+                f"lower optim.lr or raise schedule.warmup_steps, and resume from the last checkpoint in {self.run_dir}")
+        tokens_per_sec = totals.tokens / elapsed
+        metrics = {
+            "loss/ce": ce, "loss/l1_term": l1_term, "loss/l1_coef": self._l1_coef, "loss/total": ce + l1_term,
+            "optim/grad_norm": grad_norm, "optim/lr": self._lr,
+            "perf/tokens_per_sec_per_gpu": tokens_per_sec, "perf/step_time_s": elapsed / totals.steps,
+            "perf/data_time_pct": 100.0 * totals.data_time / elapsed,
+            "perf/model_tflops_per_gpu": tokens_per_sec * self.flops_per_token / 1e12,
+            "train/tokens_seen": float(self.tokens_seen),
+        }
+        if self.device.type == "cuda":
+            metrics["mem/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
+            metrics["mem/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB
+        metrics.update(self.stats.summarize())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.val_loader is None or self.cfg.eval_batches == 0:
+            return {}
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for inputs, targets in self.val_loader.val_batches(self.cfg.eval_batches):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast:
+                output = self.model(inputs)
+            parts = lm_loss(output, targets, 0.0, 1.0)
+            sums[0] += parts.ce_sum
+            sums[1] += targets.numel()
+        self.model.train()
+        all_reduce_sum(sums)
+        if sums[1].item() == 0:
+            return {}
+        ce = (sums[0] / sums[1]).item()
+        return {"val/ce": ce, "val/ppl": math.exp(min(ce, 50.0))}
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

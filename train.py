@@ -1,0 +1,60 @@
+"""Train a sparse (or dense) decoder-only LM.
+
+    python train.py                                   # tiny model, default corpus, CPU or GPU
+    python train.py model=small sparsity.l1=1e-3      # Hydra overrides: group=option, key=value
+    python train.py --cfg                             # print the composed config and exit
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sparse_llm.config import ConfigError, TrainConfig, register_configs, validate
+from sparse_llm.data import DataError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = compose(config_name="train", overrides=overrides)
+    return OmegaConf.to_object(composed)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    print_only = "--cfg" in argv
+    overrides = [arg for arg in argv if arg != "--cfg"]
+    try:
+        cfg = compose_config(overrides)
+        from sparse_llm.parallel.distributed import init_distributed, shutdown
+
+        world = init_distributed(cfg.device)
+        validate(cfg, world.size)
+        if print_only:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return 0
+        from sparse_llm.train.run import build_trainer
+
+        trainer = build_trainer(cfg, world)
+        try:
+            trainer.fit()
+        finally:
+            trainer.logger.close()
+            shutdown()
+    except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message or type(error).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
