@@ -21,6 +21,7 @@ from sparse_llm.model import Transformer, count_params
 from sparse_llm.parallel.distributed import World
 from sparse_llm.train import checkpoint
 from sparse_llm.train.loggers import build_logger
+from sparse_llm.train.telemetry import build_callbacks
 from sparse_llm.train.trainer import Trainer
 
 log = logging.getLogger("sparse_llm")
@@ -143,7 +144,8 @@ def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
     model = build_model(cfg, world.device)
     optimizer = build_optimizer(model, cfg, world.device)
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)
-    trainer = Trainer(cfg, world, model, optimizer, train_loader, val_loader, logger, run_dir, grad_accum)
+    trainer = Trainer(cfg, world, model, optimizer, train_loader, val_loader, logger, run_dir, grad_accum,
+                      callbacks=build_callbacks(cfg, world, run_dir))
     if cfg.checkpoint.resume:
         latest = checkpoint.load_latest(run_dir)
         if latest is not None:

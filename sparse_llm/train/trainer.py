@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import torch
 
@@ -29,10 +29,37 @@ log = logging.getLogger("sparse_llm")
 GIB = 2**30
 
 
-class Callback(Protocol):
-    """Extra work after each optimizer step; may add metrics on log steps."""
+class Callback:
+    """Extra work hooked into the loop (telemetry, re-initialization, profiling). Override what you need.
 
-    def on_step_end(self, trainer: "Trainer", step: int, metrics: Optional[dict[str, float]]) -> None: ...
+    `metrics` is None except on log steps, where a callback may add its own entries to it. Anything a
+    callback must carry across a restart goes in its state_dict (saved with the checkpoint under
+    `callbacks/<class name>`).
+    """
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_micro_batch_end(self, trainer: "Trainer", output) -> None:
+        pass
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Optional[dict[str, float]]) -> None:
+        pass
+
+    def on_eval_start(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_eval_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        pass
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,7 +109,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "data": self.train_loader.state_dict(), "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
-            "rng": rng,
+            "rng": rng, "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -94,6 +121,8 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        for callback in self.callbacks:
+            callback.load_state_dict(state.get("callbacks", {}).get(type(callback).__name__, {}))
 
     def save_checkpoint(self) -> None:
         if self.world.is_main:
@@ -107,6 +136,8 @@ class Trainer:
             log.info("run already finished at step %d (max_steps=%d)", self.step, cfg.max_steps)
             return self.last_metrics
         self.model.train()
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
         totals = IntervalTotals.zeros(self.device)
         while self.step < cfg.max_steps:
             self._train_step(totals)
@@ -124,6 +155,8 @@ class Trainer:
                 self.last_metrics.update(metrics)
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.max_steps:
                 self.save_checkpoint()
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
         return self.last_metrics
 
     def _train_step(self, totals: IntervalTotals) -> None:
@@ -145,6 +178,8 @@ class Trainer:
             totals.ce_sum += parts.ce_sum
             totals.l1_term += parts.l1_term
             self.stats.update(output.ffn_stats)
+            for callback in self.callbacks:
+                callback.on_micro_batch_end(self, output)
             totals.tokens += targets.numel()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -189,6 +224,8 @@ class Trainer:
         if self.val_loader is None or self.cfg.eval_batches == 0:
             return {}
         self.model.eval()
+        for callback in self.callbacks:
+            callback.on_eval_start(self)
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)
         for inputs, targets in self.val_loader.val_batches(self.cfg.eval_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
@@ -202,7 +239,10 @@ class Trainer:
         if sums[1].item() == 0:
             return {}
         ce = (sums[0] / sums[1]).item()
-        return {"val/ce": ce, "val/ppl": math.exp(min(ce, 50.0))}
+        metrics = {"val/ce": ce, "val/ppl": math.exp(min(ce, 50.0))}
+        for callback in self.callbacks:
+            callback.on_eval_end(self, metrics)
+        return metrics
 
 
 def _autocast(precision: str, device: torch.device):

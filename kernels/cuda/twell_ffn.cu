@@ -1,0 +1,289 @@
+// Fused sparse up-projection, gating and down-projection over a token's active neurons.
+//
+//   y[t] = sum over active j of h[t, j] * WdT[j]        (WdT = w_down^T, [d_ff, d_model], rows contiguous)
+//   h[t, j] = g[t, j] * (x[t] . Wu[j])                   (TW_GATED 1; g = ReLU(gate) > 0)
+//   h[t, j] = g[t, j]                                    (TW_GATED 0: the non-gated FFN, g = ReLU(x Wu^T))
+//
+// Active list of a token: TwELL (counts + slots from twell_pack.cu) for tiles with count <= S, and a
+// scan of the dense gate row for tiles that overflow (exact; nothing dropped). TW_SCAN 1 ignores the
+// packed form and scans the whole dense row (a comparison variant).
+//
+// A team of TW_TEAM warps handles one token; warp w of the team owns the slice
+// [w * DS, (w + 1) * DS) of d_model (DS = d_model / TEAM): its part of x in registers (packed 16-bit),
+// its part of y in float32 registers. Each warp builds the same active list in its own shared-memory
+// buffer (entries (bits(g) << 16) | j), then walks it TW_GROUP pairs at a time: partial dot products
+// with its slice of the Wu rows, a warp reduction (and, for TEAM > 1, a sum of the team's partials
+// through shared memory behind a named barrier), then the scaled accumulate of its slice of the
+// WdT rows. Loads are 16 bytes per lane, coalesced across the warp.
+#include "twell_common.cuh"
+
+#ifndef TW_DMODEL
+#define TW_DMODEL 2048
+#endif
+#ifndef TW_TILE
+#define TW_TILE 256
+#endif
+#ifndef TW_SLOTS
+#define TW_SLOTS 32
+#endif
+#ifndef TW_GATED
+#define TW_GATED 1
+#endif
+#ifndef TW_TEAM
+#define TW_TEAM 1
+#endif
+#ifndef TW_BLOCK
+#define TW_BLOCK 128
+#endif
+#ifndef TW_MINB
+#define TW_MINB 1
+#endif
+#ifndef TW_GROUP
+#define TW_GROUP 2
+#endif
+#ifndef TW_SCAN
+#define TW_SCAN 0
+#endif
+#ifndef TW_SCAN_BATCH
+#define TW_SCAN_BATCH 4
+#endif
+
+namespace twf {
+constexpr int DM = TW_DMODEL;
+constexpr int TEAM = TW_TEAM;
+constexpr int DS = DM / TEAM;        // d_model slice of one warp
+constexpr int NVS = DS / 8;          // 16-byte vectors in the slice
+constexpr int VPL = (NVS + 31) / 32; // vectors per lane
+constexpr bool FULLV = (NVS % 32) == 0;
+constexpr int WARPS = TW_BLOCK / 32;
+constexpr int TEAMS = WARPS / TEAM;  // tokens per block
+constexpr int S = TW_SLOTS;
+constexpr int T = TW_TILE;
+constexpr int LCAP = (32 * S > 256) ? 32 * S : 256;  // list capacity: 32 full tiles, or one dense chunk
+constexpr int G = TW_GROUP;
+constexpr int SB = TW_SCAN_BATCH;
+static_assert(DM % (8 * TEAM) == 0, "d_model / TW_TEAM must be a multiple of 8");
+static_assert(TW_BLOCK % 32 == 0 && WARPS % TEAM == 0, "TW_BLOCK must hold whole teams");
+static_assert(TEAM == 1 || TEAMS <= 15, "at most 15 named barriers per block");
+static_assert(T % 256 == 0, "TW_TILE must be a multiple of 256");
+static_assert(WARPS * LCAP * 4 + TEAMS * 2 * G * TEAM * 4 <= 48 * 1024, "static shared memory over 48 KB");
+static_assert(G >= 1 && G <= 8, "TW_GROUP in [1, 8]");
+}  // namespace twf
+
+__device__ __forceinline__ void tw_named_barrier(int id, int nthreads) {
+  asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(nthreads) : "memory");
+}
+
+// sum over 8 elements of x * w, as a small tree (float32).
+__device__ __forceinline__ float tw_dot8(const uint4& x, const uint4& w) {
+  float a = tw_lo(x.x) * tw_lo(w.x);
+  float b = tw_hi(x.x) * tw_hi(w.x);
+  a = fmaf(tw_lo(x.y), tw_lo(w.y), a);
+  b = fmaf(tw_hi(x.y), tw_hi(w.y), b);
+  a = fmaf(tw_lo(x.z), tw_lo(w.z), a);
+  b = fmaf(tw_hi(x.z), tw_hi(w.z), b);
+  a = fmaf(tw_lo(x.w), tw_lo(w.w), a);
+  b = fmaf(tw_hi(x.w), tw_hi(w.w), b);
+  return a + b;
+}
+
+__device__ __forceinline__ void tw_axpy8(float (&acc)[8], float h, const uint4& w) {
+  acc[0] = fmaf(h, tw_lo(w.x), acc[0]);
+  acc[1] = fmaf(h, tw_hi(w.x), acc[1]);
+  acc[2] = fmaf(h, tw_lo(w.y), acc[2]);
+  acc[3] = fmaf(h, tw_hi(w.y), acc[3]);
+  acc[4] = fmaf(h, tw_lo(w.z), acc[4]);
+  acc[5] = fmaf(h, tw_hi(w.z), acc[5]);
+  acc[6] = fmaf(h, tw_lo(w.w), acc[6]);
+  acc[7] = fmaf(h, tw_hi(w.w), acc[7]);
+}
+
+// Walk list[0, len): accumulate h_j * WdT[j] (slice) into acc. Warp-uniform; every warp of a team
+// calls it with the same list (same len), so named barriers match.
+__device__ __forceinline__ void tw_process(const tw_u32* list, int len, const uint4 (&xr)[twf::VPL],
+                                           float (&acc)[twf::VPL][8], const tw_u16* __restrict__ w_up,
+                                           const tw_u16* __restrict__ w_dt, int lane, int wt,
+                                           float* part, int& buf, int bar_id, tw_u64 pol) {
+  using namespace twf;
+  __syncwarp();
+  for (int p = 0; p < len; p += G) {
+    tw_u32 ent[G];
+    float h[G];
+#pragma unroll
+    for (int b = 0; b < G; ++b) ent[b] = (p + b < len) ? list[p + b] : 0u;
+#if TW_GATED
+    float d[G];
+#pragma unroll
+    for (int b = 0; b < G; ++b) {
+      d[b] = 0.f;
+      if (b == 0 || p + b < len) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w_up + (size_t)(ent[b] & 0xFFFFu) * DM + wt * DS);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          const int v = lane + 32 * i;
+          if (FULLV || v < NVS) d[b] += tw_dot8(xr[i], tw_ld16(wr + v, pol));
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+      for (int b = 0; b < G; ++b) d[b] += __shfl_xor_sync(TW_FULL_MASK, d[b], o);
+    }
+    if constexpr (TEAM > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int b = 0; b < G; ++b) part[(buf * G + b) * TEAM + wt] = d[b];
+      }
+      tw_named_barrier(bar_id, TEAM * 32);
+#pragma unroll
+      for (int b = 0; b < G; ++b) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < TEAM; ++w) s += part[(buf * G + b) * TEAM + w];
+        d[b] = s;
+      }
+      buf ^= 1;
+    }
+#pragma unroll
+    for (int b = 0; b < G; ++b) h[b] = tw_to_float(ent[b] >> 16) * d[b];
+#else
+#pragma unroll
+    for (int b = 0; b < G; ++b) h[b] = tw_to_float(ent[b] >> 16);
+#endif
+#pragma unroll
+    for (int b = 0; b < G; ++b) {
+      if (b == 0 || p + b < len) {
+        const uint4* wr = reinterpret_cast<const uint4*>(w_dt + (size_t)(ent[b] & 0xFFFFu) * DM + wt * DS);
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          const int v = lane + 32 * i;
+          if (FULLV || v < NVS) tw_axpy8(acc[i], h[b], tw_ld16(wr + v, pol));
+        }
+      }
+    }
+  }
+  __syncwarp();
+}
+
+extern "C" __global__ void __launch_bounds__(TW_BLOCK, TW_MINB)
+twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
+                const tw_u16* __restrict__ gate,    // [n_tokens, d_ff] dense gate (pre-ReLU) backup
+                const int* __restrict__ counts,     // [n_tokens, nt]
+                const tw_u32* __restrict__ slots,   // [n_tokens, nt, S]
+                const tw_u16* __restrict__ w_up,    // [d_ff, d_model] (unused when TW_GATED 0)
+                const tw_u16* __restrict__ w_dt,    // [d_ff, d_model] = w_down^T
+                tw_u16* __restrict__ y,             // [n_tokens, d_model]
+                int n_tokens, int d_ff) {
+  using namespace twf;
+  __shared__ tw_u32 s_list[WARPS][LCAP];
+  __shared__ float s_part[TEAMS][2 * G * TEAM];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int team = warp / TEAM, wt = warp - team * TEAM;
+  const long long t = (long long)blockIdx.x * TEAMS + team;
+  if (t >= n_tokens) return;  // the whole team leaves together
+  const int nt = (d_ff + T - 1) / T;
+  const tw_u64 pol_keep = tw_policy_keep();
+  const tw_u64 pol_stream = tw_policy_stream();
+
+  uint4 xr[VPL];
+  float acc[VPL][8];
+  {
+    const uint4* xv = reinterpret_cast<const uint4*>(x + t * DM + wt * DS);
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      const int v = lane + 32 * i;
+      xr[i] = (FULLV || v < NVS) ? tw_ld16(xv + v, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc[i][q] = 0.f;
+    }
+  }
+
+  tw_u32* list = s_list[warp];
+  float* part = s_part[team];
+  const int bar_id = 1 + team;
+  int len = 0, buf = 0;
+  const tw_u16* grow = gate + t * d_ff;
+
+  // Append the active columns of grow[cb, ce) (ce - cb a multiple of 8) to the list, flushing as needed.
+  auto scan_dense = [&](int cb, int ce) {
+    for (int c0 = cb; c0 < ce; c0 += 256 * SB) {
+      uint4 gv[SB];
+#pragma unroll
+      for (int q = 0; q < SB; ++q) {
+        const int col = c0 + 256 * q + lane * 8;
+        gv[q] = (col < ce) ? tw_ld16(grow + col, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int q = 0; q < SB; ++q) {
+        if (c0 + 256 * q >= ce) break;  // warp-uniform
+        const unsigned m = tw_positive_mask8(gv[q]);
+        const int cnt = __popc(m);
+        const int incl = tw_warp_scan(cnt, lane);
+        const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
+        if (len + tot > LCAP) {
+          tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+          len = 0;
+        }
+        int o = len + incl - cnt;
+        const int col = c0 + 256 * q + lane * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if (m & (1u << e)) list[o++] = (tw_elem_bits(gv[q], e) << 16) | (tw_u32)(col + e);
+        len += tot;
+      }
+    }
+  };
+
+#if TW_SCAN
+  scan_dense(0, d_ff);
+#else
+  for (int k0 = 0; k0 < nt; k0 += 32) {
+    const int k = k0 + lane;
+    const int c = (k < nt) ? counts[t * nt + k] : 0;
+    const bool ovf = c > S;
+    const int cn = ovf ? 0 : c;
+    const int incl = tw_warp_scan(cn, lane);
+    const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
+    if (len + tot > LCAP) {
+      tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+      len = 0;
+    }
+    const int off = len + incl - cn;
+    const tw_u32* sp = slots + ((size_t)t * nt + k) * S;
+    for (int i0 = 0; i0 < cn; i0 += 4) {
+      tw_u32 sv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) sv[q] = (i0 + q < cn) ? sp[i0 + q] : 0u;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (i0 + q < cn) list[off + i0 + q] = (sv[q] & 0xFFFF0000u) | (tw_u32)(k * T + (sv[q] & 0xFFFFu));
+    }
+    len += tot;
+    unsigned om = __ballot_sync(TW_FULL_MASK, ovf);
+    __syncwarp();
+    while (om) {  // overflowing tiles: exact, from the dense row
+      const int kk = k0 + __ffs(om) - 1;
+      om &= om - 1;
+      const int ce = (kk + 1) * T < d_ff ? (kk + 1) * T : d_ff;
+      scan_dense(kk * T, ce);
+    }
+  }
+#endif
+  if (len > 0) tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+
+  tw_u16* yr = y + t * DM + wt * DS;
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) {
+    const int v = lane + 32 * i;
+    if (FULLV || v < NVS) {
+      uint4 o;
+      o.x = tw_pack2(acc[i][0], acc[i][1]);
+      o.y = tw_pack2(acc[i][2], acc[i][3]);
+      o.z = tw_pack2(acc[i][4], acc[i][5]);
+      o.w = tw_pack2(acc[i][6], acc[i][7]);
+      tw_st16(yr + v * 8, o, pol_stream);
+    }
+  }
+}
