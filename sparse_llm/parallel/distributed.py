@@ -34,14 +34,18 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(requested_device: str = "auto") -> World:
-    """Join the process group that torchrun describes in the environment, if any."""
+    """Join the process group that torchrun describes in the environment; a plain `python train.py`
+    gets a process group of one (in-memory store, no network), so both run the same FSDP2 code."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local_rank)
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=
-                                device if device.type == "cuda" else None)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank, size, local_rank, device)
 
 

@@ -19,6 +19,7 @@ from sparse_llm.config import ConfigError, TrainConfig, grad_accumulation_steps
 from sparse_llm.data import TokenLoader, ensure_default_corpus, load_manifest
 from sparse_llm.model import Transformer, count_params
 from sparse_llm.parallel.distributed import World
+from sparse_llm.parallel.fsdp import apply_parallelism, build_mesh
 from sparse_llm.train import checkpoint
 from sparse_llm.train.loggers import build_logger
 from sparse_llm.train.telemetry import build_callbacks
@@ -107,13 +108,15 @@ def resolve_manifest(cfg: TrainConfig, world: World) -> Path:
     return root / "manifest.json"
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
-    """Build on the meta device, then materialize and initialize on `device` (same seed on all ranks)."""
+def build_model(cfg: TrainConfig, world: World) -> Transformer:
+    """Build on the meta device, apply parallelism, then materialize each rank's shards and initialize
+    them (the weights depend on the seed only, not on the world size)."""
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.sparsity.ffn, cfg.kernel.name)
-    model.to_empty(device=device)
-    torch.manual_seed(cfg.seed)
-    model.init_weights()
+    mesh = build_mesh(world.size, world.device, cfg.parallel)
+    apply_parallelism(model, cfg.parallel, mesh, cfg.precision.name, world.device)
+    model.to_empty(device=world.device)
+    model.init_weights(cfg.seed)
     return model
 
 
@@ -127,9 +130,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
-    if world.size > 1:
-        raise ConfigError("training on several processes needs the FSDP2 path, which is not in this version; "
-                          "run one process (python train.py ...)")
     grad_accum = grad_accumulation_steps(cfg, world.size)
     run_dir = prepare_run_dir(cfg, world)
     manifest_path = resolve_manifest(cfg, world)
@@ -141,16 +141,14 @@ def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
                        dp_rank=world.rank, dp_world=world.size, seed=cfg.seed)
     train_loader = TokenLoader(manifest_path, "train", **loader_args)
     val_loader = TokenLoader(manifest_path, "val", **loader_args) if cfg.eval_batches > 0 else None
-    model = build_model(cfg, world.device)
+    model = build_model(cfg, world)
     optimizer = build_optimizer(model, cfg, world.device)
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)
     trainer = Trainer(cfg, world, model, optimizer, train_loader, val_loader, logger, run_dir, grad_accum,
                       callbacks=build_callbacks(cfg, world, run_dir))
     if cfg.checkpoint.resume:
-        latest = checkpoint.load_latest(run_dir)
-        if latest is not None:
-            path, state = latest
-            trainer.load_state_dict(state)
+        path = trainer.resume()
+        if path is not None:
             log.info("resumed from %s (step %d)", path, trainer.step)
     log.info("model %s: %.2fM parameters, %s FFN, kernel=%s, %d micro-batch(es) of %d x %d per step, device %s",
              cfg.model.name, count_params(cfg.model, cfg.sparsity.ffn) / 1e6, cfg.sparsity.ffn, cfg.kernel.name,

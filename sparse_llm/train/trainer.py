@@ -5,7 +5,6 @@ the host only at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from sparse_llm.config import TrainConfig
 from sparse_llm.model.flops import flops_per_token
@@ -94,7 +94,6 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.device = world.device
-        self.autocast = _autocast(cfg.precision.name, world.device)
         self.token_normalizer = cfg.tokens_per_step / world.size
         self.stats = SparsityStats(cfg.model.n_layers, cfg.model.d_ff, world.device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.sparsity.ffn)
@@ -102,32 +101,35 @@ class Trainer:
         self._lr = self._l1_coef = 0.0
 
     # ---- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+    def extra_state(self) -> dict[str, Any]:
+        """Everything resumable besides model, optimizer and RNG (which the checkpoint handles)."""
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "data": self.train_loader.state_dict(), "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
-            "rng": rng, "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
+            "trainer": {"step": self.step, "tokens_seen": self.tokens_seen},
+            "data": self.train_loader.state_dict(),
+            "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.train_loader.load_state_dict(state["data"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = state["trainer"]["step"]
         self.tokens_seen = state["trainer"]["tokens_seen"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.train_loader.load_state_dict(state["data"])
         for callback in self.callbacks:
-            callback.load_state_dict(state.get("callbacks", {}).get(type(callback).__name__, {}))
+            callback.load_state_dict(state["callbacks"].get(type(callback).__name__, {}))
 
     def save_checkpoint(self) -> None:
+        path = checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, self.extra_state(),
+                               self.cfg.checkpoint.keep_latest, self.device)
         if self.world.is_main:
-            path = checkpoint.save(self.run_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_latest)
             log.info("saved checkpoint %s", path)
+
+    def resume(self) -> Optional[Path]:
+        """Continue from the newest complete checkpoint of the run directory, if any."""
+        loaded = checkpoint.load_latest(self.run_dir, self.model, self.optimizer, self.extra_state(), self.device)
+        if loaded is None:
+            return None
+        path, extra = loaded
+        self.load_extra_state(extra)
+        return path
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -171,8 +173,7 @@ class Trainer:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             totals.data_time += time.perf_counter() - data_start
-            with self.autocast:
-                output = self.model(inputs)
+            output = self.model(inputs)
             parts = lm_loss(output, targets, l1_coef, self.token_normalizer)
             parts.total.backward()
             totals.ce_sum += parts.ce_sum
@@ -181,9 +182,8 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_micro_batch_end(self, output)
             totals.tokens += targets.numel()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        totals.grad_norm += grad_norm.detach().double()
+        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+        totals.grad_norm += grad_norm.double()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals.steps += 1
@@ -229,8 +229,7 @@ class Trainer:
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)
         for inputs, targets in self.val_loader.val_batches(self.cfg.eval_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self.autocast:
-                output = self.model(inputs)
+            output = self.model(inputs)
             parts = lm_loss(output, targets, 0.0, 1.0)
             sums[0] += parts.ce_sum
             sums[1] += targets.numel()
@@ -245,7 +244,12 @@ class Trainer:
         return metrics
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over all ranks' shards (clipping to max_norm when > 0), without a host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return norm.detach()

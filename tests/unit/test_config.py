@@ -15,10 +15,12 @@ def test_every_config_file_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option == "shards":
         overrides.append("data.path=/tmp/some_shards")
+    if group == "parallel":
+        overrides.append("micro_batch_size=8")  # so that a world of `replicate` ranks divides the batch
     if group == "kernel" and option != "torch":
         overrides.append("sparsity=l1")
     cfg = compose_config(overrides)
-    validate(cfg)
+    validate(cfg, world_size=cfg.parallel.replicate)
 
 
 def test_defaults_are_the_tiny_sparse_run():

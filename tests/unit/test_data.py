@@ -15,8 +15,8 @@ import sparse_llm.data.default_corpus as default_corpus
 import sparse_llm.data.prepare as prep
 from sparse_llm.data import (
     DataError,
-    TokenLoader,
     Tokenizer,
+    TokenLoader,
     ensure_default_corpus,
     load_manifest,
     prepare_corpus,
@@ -166,7 +166,9 @@ def test_prepare_idempotent_refuses_and_overwrites(corpus: tuple[Path, list[str]
     out = manifest_path.parent
     files = sorted((out.parent / "in").glob("doc*.txt")) + [out.parent / "in" / "more.jsonl"]
     before = manifest_path.stat().st_mtime_ns
-    assert prepare_corpus(files, out, vocab_size=300, val_fraction=0.2, shard_tokens=700, progress=False) == manifest_path
+    assert (
+        prepare_corpus(files, out, vocab_size=300, val_fraction=0.2, shard_tokens=700, progress=False) == manifest_path
+    )
     assert manifest_path.stat().st_mtime_ns == before
     with pytest.raises(DataError) as e:
         prepare_corpus(files[:3], out, vocab_size=300, progress=False)
@@ -182,13 +184,17 @@ def test_prepare_idempotent_refuses_and_overwrites(corpus: tuple[Path, list[str]
     assert {p.name for p in copy.glob("*.bin")} == {s.path.name for sp in m.splits.values() for s in sp}
 
 
-def test_prepare_deterministic_with_pool(corpus: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_deterministic_with_pool(
+    corpus: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     manifest_path, _ = corpus
     inp = manifest_path.parent.parent / "in"
     files = sorted(inp.glob("doc*.txt")) + [inp / "more.jsonl"]
     monkeypatch.setattr(prep, "_POOL_MIN_CHARS", 0)
     monkeypatch.setattr(prep, "_TASK_CHARS", 2000)
-    again = prepare_corpus(files, tmp_path / "again", vocab_size=300, val_fraction=0.2, shard_tokens=700, workers=2, progress=False)
+    again = prepare_corpus(
+        files, tmp_path / "again", vocab_size=300, val_fraction=0.2, shard_tokens=700, workers=2, progress=False
+    )
     a, b = manifest_path.parent, again.parent
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     for p in a.iterdir():
@@ -288,7 +294,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 # ---------------------------------------------------------------- default corpus (offline)
 
 
-def test_default_corpus_uses_cache_without_fetching(corpus: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_corpus_uses_cache_without_fetching(
+    corpus: tuple[Path, list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     files, _ = write_corpus(tmp_path / "in", seed=5)
     root = tmp_path / "default"
     manifest = prepare_corpus(files, root, vocab_size=300, progress=False)
@@ -351,7 +359,9 @@ def test_loader_batches_are_windows_of_the_stream(corpus: tuple[Path, list[str]]
         assert x.shape == y.shape == (B, L) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1])
         for row_x, row_y in zip(x.numpy(), y.numpy()):
-            s = int(np.flatnonzero([np.array_equal(toks[w * L : w * L + L], row_x) for w in range(loader.num_windows)])[0])
+            s = int(
+                np.flatnonzero([np.array_equal(toks[w * L : w * L + L], row_x) for w in range(loader.num_windows)])[0]
+            )
             assert np.array_equal(toks[s * L + 1 : s * L + L + 1], row_y)
             starts.append(s)
     assert len(set(starts)) == len(starts)  # an epoch visits each window once
@@ -419,7 +429,9 @@ def test_loader_refuses_changed_data(corpus: tuple[Path, list[str]]) -> None:
     state = loader.state_dict()
     with pytest.raises(DataError) as e:
         loader.load_state_dict({**state, "fingerprint": "0123456789abcdef"})
-    assert "0123456789abcdef" in str(e.value) and state["fingerprint"] in str(e.value) and "data changed" in str(e.value)
+    assert (
+        "0123456789abcdef" in str(e.value) and state["fingerprint"] in str(e.value) and "data changed" in str(e.value)
+    )
     with pytest.raises(DataError, match="seq_len 16"):
         loader.load_state_dict({**state, "seq_len": 16})
 

@@ -63,8 +63,7 @@ def test_meta_build_then_init_is_deterministic():
         with torch.device("meta"):
             model = Transformer(TINY)
         model.to_empty(device="cpu")
-        torch.manual_seed(3)
-        model.init_weights()
+        model.init_weights(seed=3)
         return model
     a, b = build(), build()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):

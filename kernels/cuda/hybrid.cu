@@ -1,0 +1,609 @@
+// Hybrid-format training kernels for the ReLU-gated (or plain ReLU) sparse FFN: exact forward and
+// backward over the active (token, unit) pairs only. See kernels/README_hybrid.md for the format.
+//
+//   g = X Wg^T (cuBLAS, outside), a = ReLU(g), u = x.Wu_j at active pairs, h = a*u, y = H Wd^T
+//   dh = dy.Wd_j + dl1*sign(h), du = dh*a, dg = dh*u*(g>0), dX = dg Wg + du Wu,
+//   dWg = dg^T X, dWu = du^T X, dWd = dy^T H.
+// Non-gated (HY_GATED 0): h = ReLU(x Wu^T); the "gate-role" weight WG is then Wu.
+//
+// Kernels (one module per (HY_D, HY_GATED, HY_DTYPE)):
+//   hy_pack       G [N, FF] -> row bitmask mrow [N, FF/32] + per-256-tile exclusive rank prefix
+//   hy_forward    warp per token: u, h, y, ELL (a, u) for ranks < W, l1 per token, stats
+//   hy_transpose  mrow -> column bitmask mcol [FF, ceil(N/32)] (the neuron-major index)
+//   hy_dw         CTA per unit j: dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32
+//                 accumulation in registers, no atomics), and the ELL of (dg, du) for hy_dx
+//   hy_dx         warp per token: dX = sum_j dg Wg_j + du Wu_j
+// A pair whose rank in its row is >= W (a row past the ELL width) has no stored values: every
+// kernel recomputes them from x and the weight rows it streams anyway (the dense backup row is
+// the row's bitmask, which always exists), so nothing is ever dropped and all sizes are static.
+//
+// No CUDA headers: compiles with NVRTC (CuPy) and nvcc alike. HY_DTYPE 0 = bf16, 1 = fp16.
+
+#ifndef HY_D
+#define HY_D 2048
+#endif
+#ifndef HY_GATED
+#define HY_GATED 1
+#endif
+#ifndef HY_DTYPE
+#define HY_DTYPE 0
+#endif
+
+typedef unsigned int hy_u32;
+typedef unsigned short hy_u16;
+
+#define HY_FULL 0xffffffffu
+
+constexpr int D = HY_D;             // d_model
+constexpr int NC = D / 256;         // 16-byte chunks per lane when a warp covers a row of D
+constexpr int FWD_WARPS = 4;        // tokens per CTA in hy_forward / hy_dx
+constexpr int DW_THR = D / 8;       // hy_dw: threads per CTA, 8 columns each
+constexpr int DW_WARPS = DW_THR / 32;
+constexpr int DW_BT = 4;            // hy_dw: tokens per batch
+constexpr int DW_NS = 3;            // hy_dw: cp.async stages
+constexpr int DW_MINB = DW_THR <= 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas
+constexpr int DW_WPT = 4;           // hy_dw: column-bitmask words per thread per scan round
+constexpr int DW_CAP = 1024;        // hy_dw: tokens listed in shared memory at a time
+
+static_assert(D % 256 == 0 && D >= 256 && D <= 8192, "HY_D must be a multiple of 256 in [256, 8192]");
+
+// ---------------------------------------------------------------------------------------------
+// element conversions (16-bit patterns)
+
+__device__ __forceinline__ float hy_e2f(hy_u32 bits) {
+#if HY_DTYPE == 0
+  return __uint_as_float(bits << 16);
+#else
+  float f;
+  unsigned short h = (unsigned short)(bits & 0xFFFFu);
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#endif
+}
+
+__device__ __forceinline__ float hy_lo(hy_u32 v) { return hy_e2f(v & 0xFFFFu); }
+__device__ __forceinline__ float hy_hi(hy_u32 v) {
+#if HY_DTYPE == 0
+  return __uint_as_float(v & 0xFFFF0000u);
+#else
+  return hy_e2f(v >> 16);
+#endif
+}
+
+__device__ __forceinline__ hy_u32 hy_f2e(float f) {
+#if HY_DTYPE == 0
+  hy_u32 u = __float_as_uint(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);                                 // round to nearest even
+  return u >> 16;
+#else
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return (hy_u32)h;
+#endif
+}
+
+__device__ __forceinline__ void hy_unpack8(const uint4 q, float f[8]) {
+  f[0] = hy_lo(q.x); f[1] = hy_hi(q.x); f[2] = hy_lo(q.y); f[3] = hy_hi(q.y);
+  f[4] = hy_lo(q.z); f[5] = hy_hi(q.z); f[6] = hy_lo(q.w); f[7] = hy_hi(q.w);
+}
+
+__device__ __forceinline__ uint4 hy_pack8(const float f[8]) {
+  uint4 q;
+  q.x = hy_f2e(f[0]) | (hy_f2e(f[1]) << 16);
+  q.y = hy_f2e(f[2]) | (hy_f2e(f[3]) << 16);
+  q.z = hy_f2e(f[4]) | (hy_f2e(f[5]) << 16);
+  q.w = hy_f2e(f[6]) | (hy_f2e(f[7]) << 16);
+  return q;
+}
+
+// sum_k a_k * b_k over the 8 elements of two packed vectors
+__device__ __forceinline__ float hy_dot8(const uint4 a, const uint4 b) {
+  float fa[8], fb[8];
+  hy_unpack8(a, fa);
+  hy_unpack8(b, fb);
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) s = fmaf(fa[k], fb[k], s);
+  return s;
+}
+
+// acc += s * v (8 elements)
+__device__ __forceinline__ void hy_axpy8(float acc[8], const float s, const uint4 v) {
+  float fv[8];
+  hy_unpack8(v, fv);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) acc[k] = fmaf(s, fv[k], acc[k]);
+}
+
+__device__ __forceinline__ float hy_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(HY_FULL, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float hy_sign(float v) { return (float)(v > 0.f) - (float)(v < 0.f); }
+
+// Rank of column j among the active columns of row t (number of active columns before j).
+__device__ __forceinline__ int hy_rank(const hy_u32* __restrict__ mrow, const int* __restrict__ tprefix,
+                                       int t, int j, int nw, int nt) {
+  const hy_u32* r = mrow + (size_t)t * nw;
+  int rank = __ldg(tprefix + (size_t)t * nt + (j >> 8));
+  const int w = j >> 5;
+  for (int q = (j >> 8) << 3; q < w; ++q) rank += __popc(__ldg(r + q));
+  return rank + __popc(__ldg(r + w) & ((1u << (j & 31)) - 1u));
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_pack: warp per row of G. 256 columns (one stats tile) per step, 8 per lane.
+
+extern "C" __global__ void __launch_bounds__(256)
+hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict__ tprefix, int N, int FF) {
+  const int lane = threadIdx.x & 31;
+  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= N) return;
+  const int nw = FF >> 5, nt = (FF + 255) >> 8;
+  const hy_u16* g = G + (size_t)t * FF;
+  int base = 0;
+  for (int T = 0; T < nt; ++T) {
+    const int c0 = T * 256 + lane * 8;
+    hy_u32 m8 = 0;
+    if (c0 < FF) {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(g + c0));
+      float f[8];
+      hy_unpack8(q, f);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) m8 |= (hy_u32)(f[k] > 0.f) << k;
+    }
+    hy_u32 w = m8 << (8 * (lane & 3));
+    w |= __shfl_xor_sync(HY_FULL, w, 1);
+    w |= __shfl_xor_sync(HY_FULL, w, 2);
+    const int word = T * 8 + (lane >> 2);
+    if ((lane & 3) == 0 && word < nw) mrow[(size_t)t * nw + word] = w;
+    if (lane == 0) tprefix[(size_t)t * nt + T] = base;
+    base += __reduce_add_sync(HY_FULL, (unsigned)__popc(m8));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_transpose: mrow [N, nw] -> mcol [FF, WC], WC = ceil(N/32). Warp per (32-token block, word).
+
+extern "C" __global__ void __launch_bounds__(256)
+hy_transpose(const hy_u32* __restrict__ mrow, hy_u32* __restrict__ mcol, int N, int FF) {
+  const int lane = threadIdx.x & 31;
+  const int nw = FF >> 5, WC = (N + 31) >> 5;
+  const int b = blockIdx.x;
+  const int w = blockIdx.y * 8 + (threadIdx.x >> 5);
+  if (w >= nw) return;
+  const int t = b * 32 + lane;
+  const hy_u32 v = (t < N) ? __ldg(mrow + (size_t)t * nw + w) : 0u;
+  hy_u32 out = 0;
+#pragma unroll
+  for (int c = 0; c < 32; ++c) {
+    const hy_u32 bc = __ballot_sync(HY_FULL, (v >> c) & 1u);
+    if (lane == c) out = bc;
+  }
+  mcol[(size_t)(w * 32 + lane) * WC + b] = out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_forward: warp per token. Lane l holds columns (c*32 + l)*8 .. +7 of x and of y, c < NC.
+// WG_or_G: G (the gate GEMM output, bf16/fp16 [N, FF]) gives a for every active pair.
+
+extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
+hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_u16* __restrict__ WU,
+           const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow, hy_u16* __restrict__ Y,
+           float2* __restrict__ ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,
+           int* __restrict__ neuron_counts, int N, int FF, int W) {
+  extern __shared__ int s_tc[];  // [FWD_WARPS][nt]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nw = FF >> 5, nt = (FF + 255) >> 8;
+  int* tc = s_tc + warp * nt;
+  for (int i = lane; i < nt; i += 32) tc[i] = 0;
+  __syncwarp();
+  const int t = blockIdx.x * FWD_WARPS + warp;
+  if (t >= N) return;
+
+#if HY_GATED
+  uint4 xr[NC];
+  {
+    const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) xr[c] = __ldg(xrow + c * 32 + lane);
+  }
+#endif
+  float acc[NC][8];
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[c][k] = 0.f;
+
+  float l1 = 0.f;
+  int rank = 0;
+  const hy_u32* mr = mrow + (size_t)t * nw;
+  const hy_u16* grow = G + (size_t)t * FF;
+  for (int wb = 0; wb < nw; wb += 32) {
+    hy_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
+    for (;;) {
+      const hy_u32 bal = __ballot_sync(HY_FULL, word != 0u);
+      if (bal == 0u) break;
+      const int src = __ffs(bal) - 1;
+      const hy_u32 ws = __shfl_sync(HY_FULL, word, src);
+      const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
+      if (lane == src) word &= word - 1u;
+
+      const float a = hy_e2f(grow[j]);
+      const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
+      uint4 wd[NC];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) wd[c] = __ldg(wdr + c * 32 + lane);
+#if HY_GATED
+      const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+      uint4 wu[NC];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) wu[c] = __ldg(wur + c * 32 + lane);
+      float p = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) p += hy_dot8(xr[c], wu[c]);
+      const float u = hy_warp_sum(p);
+      const float h = a * u;
+#else
+      const float u = 0.f;
+      const float h = a;
+#endif
+#pragma unroll
+      for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], h, wd[c]);
+      if (lane == 0) {
+        if (rank < W) ell[(size_t)t * W + rank] = make_float2(a, u);
+        if (h != 0.f) {
+          tc[j >> 8] += 1;
+          atomicAdd(neuron_counts + j, 1);
+          l1 += fabsf(h);
+        }
+      }
+      ++rank;
+    }
+  }
+  uint4* yrow = reinterpret_cast<uint4*>(Y + (size_t)t * D);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) yrow[c * 32 + lane] = hy_pack8(acc[c]);
+  __syncwarp();
+  if (lane == 0) l1_tok[t] = l1;
+  for (int i = lane; i < nt; i += 32) tile_counts[(size_t)t * nt + i] = tc[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_dx: warp per token. dX_t = sum over active j of dg_tj * WG_j + du_tj * WU_j.
+// (dg, du) come from ell_d for ranks < W, else they are recomputed exactly as hy_dw does.
+
+extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
+hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
+      const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
+      const float2* __restrict__ ell_d, const float* __restrict__ dl1p, hy_u16* __restrict__ DX,
+      int N, int FF, int W) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int nw = FF >> 5;
+  const int t = blockIdx.x * FWD_WARPS + warp;
+  if (t >= N) return;
+  const float dl1 = __ldg(dl1p);
+  const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
+  const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
+
+  float acc[NC][8];
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[c][k] = 0.f;
+
+  int rank = 0;
+  const hy_u32* mr = mrow + (size_t)t * nw;
+  for (int wb = 0; wb < nw; wb += 32) {
+    hy_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
+    for (;;) {
+      const hy_u32 bal = __ballot_sync(HY_FULL, word != 0u);
+      if (bal == 0u) break;
+      const int src = __ffs(bal) - 1;
+      const hy_u32 ws = __shfl_sync(HY_FULL, word, src);
+      const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
+      if (lane == src) word &= word - 1u;
+
+      float dg, du;
+      if (rank < W) {
+        const float2 e = __ldg(ell_d + (size_t)t * W + rank);
+        dg = e.x;
+        du = e.y;
+      } else {
+        // overflow pair: recompute g, u, dh from x, dy and the unit's weight rows
+        const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
+        const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+        float pd = 0.f, pg = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
+          pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
+        }
+#if HY_GATED
+        const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+        float pu = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
+        pu = hy_warp_sum(pu);
+#endif
+        pd = hy_warp_sum(pd);
+        pg = hy_warp_sum(pg);
+        const float a = fmaxf(pg, 0.f);
+#if HY_GATED
+        const float h = a * pu;
+        const float dh = pd + dl1 * hy_sign(h);
+        du = dh * a;
+        dg = (a > 0.f) ? dh * pu : 0.f;
+#else
+        const float dh = pd + dl1 * hy_sign(a);
+        dg = (a > 0.f) ? dh : 0.f;
+        du = 0.f;
+        (void)du;
+#endif
+      }
+      const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+#if HY_GATED
+      const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+      uint4 wg[NC], wu[NC];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        wg[c] = __ldg(wgr + c * 32 + lane);
+        wu[c] = __ldg(wur + c * 32 + lane);
+      }
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        hy_axpy8(acc[c], dg, wg[c]);
+        hy_axpy8(acc[c], du, wu[c]);
+      }
+#else
+      uint4 wg[NC];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) wg[c] = __ldg(wgr + c * 32 + lane);
+#pragma unroll
+      for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
+#endif
+      ++rank;
+    }
+  }
+  uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)t * D);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) dxrow[c * 32 + lane] = hy_pack8(acc[c]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_dw: CTA per unit j, DW_THR threads, thread i owns columns 8i .. 8i+7. The unit's tokens come
+// from its column bitmask, DW_CAP at a time; x_t and dy_t slices stream through a DW_NS-stage
+// cp.async pipeline into thread-private shared memory, DW_BT tokens a batch.
+
+__device__ __forceinline__ hy_u32 hy_smem_addr(const void* p) {
+  hy_u32 r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ void hy_cp16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(hy_smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void hy_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int Pending>
+__device__ __forceinline__ void hy_cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(DW_THR, DW_MINB)
+hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
+      const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
+      const hy_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+      const float* __restrict__ dl1p, float2* __restrict__ ell_d, hy_u16* __restrict__ DWG,
+      hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, int N, int FF, int W) {
+  extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
+  __shared__ int s_tok[DW_CAP];
+  __shared__ int s_rank[DW_CAP];
+  __shared__ float s_part[DW_WARPS][3 * DW_BT];
+  __shared__ float s_coef[DW_BT][3];
+  __shared__ int s_wsum[DW_WARPS];
+
+  const int j = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
+  const float dl1 = __ldg(dl1p);
+
+  float wd[8], wg[8];
+  hy_unpack8(__ldg(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid), wd);
+  hy_unpack8(__ldg(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid), wg);
+#if HY_GATED
+  float wu[8];
+  hy_unpack8(__ldg(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid), wu);
+  float au[8];
+#endif
+  float ag[8], ad[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    ag[k] = 0.f;
+    ad[k] = 0.f;
+#if HY_GATED
+    au[k] = 0.f;
+#endif
+  }
+
+  const hy_u32* mc = mcol + (size_t)j * WC;
+  for (int cw = 0; cw < WC; cw += DW_THR * DW_WPT) {
+    // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
+    hy_u32 words[DW_WPT];
+    int cnt = 0;
+#pragma unroll
+    for (int q = 0; q < DW_WPT; ++q) {
+      const int wi = cw + tid * DW_WPT + q;
+      words[q] = (wi < WC) ? __ldg(mc + wi) : 0u;
+      cnt += __popc(words[q]);
+    }
+    int incl = cnt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(HY_FULL, incl, o);
+      if (lane >= o) incl += n;
+    }
+    __syncthreads();  // previous round's s_wsum reads are done
+    if (lane == 31) s_wsum[warp] = incl;
+    __syncthreads();
+    int off = incl - cnt, total = 0;
+#pragma unroll
+    for (int w = 0; w < DW_WARPS; ++w) {
+      const int s = s_wsum[w];
+      if (w < warp) off += s;
+      total += s;
+    }
+    // ---- the round's tokens, DW_CAP at a time, into s_tok with their ranks in s_rank
+    for (int base = 0; base < total; base += DW_CAP) {
+      const int m = min(DW_CAP, total - base);
+      __syncthreads();  // previous list fully consumed
+      if (off < base + DW_CAP && off + cnt > base) {
+        int p = off;
+#pragma unroll
+        for (int q = 0; q < DW_WPT; ++q) {
+          hy_u32 wq = words[q];
+          while (wq) {
+            const int bit = __ffs(wq) - 1;
+            wq &= wq - 1u;
+            if (p >= base && p < base + DW_CAP) s_tok[p - base] = ((cw + tid * DW_WPT + q) << 5) + bit;
+            ++p;
+          }
+        }
+      }
+      __syncthreads();
+      for (int k = tid; k < m; k += DW_THR) s_rank[k] = hy_rank(mrow, tprefix, s_tok[k], j, nw, nt);
+      __syncthreads();
+    // ---- batches of DW_BT tokens through the cp.async pipeline
+    const int nb = (m + DW_BT - 1) / DW_BT;
+    auto issue = [&](int bb) {
+      const int stage = bb % DW_NS;
+#pragma unroll
+      for (int k = 0; k < DW_BT; ++k) {
+        const int idx = bb * DW_BT + k;
+        if (idx < m) {
+          const size_t t = (size_t)s_tok[idx];
+          hy_cp16(&s_buf[((stage * DW_BT + k) * 2 + 0) * DW_THR + tid], X + t * D + tid * 8);
+          hy_cp16(&s_buf[((stage * DW_BT + k) * 2 + 1) * DW_THR + tid], DY + t * D + tid * 8);
+        }
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < DW_NS - 1; ++s) {
+      if (s < nb) issue(s);
+      hy_cp_commit();
+    }
+    for (int b = 0; b < nb; ++b) {
+      if (b + DW_NS - 1 < nb) issue(b + DW_NS - 1);
+      hy_cp_commit();
+      hy_cp_wait<DW_NS - 1>();
+      const int stage = b % DW_NS;
+      const int k0 = b * DW_BT;
+      const int kn = min(DW_BT, m - k0);
+      uint4 xq[DW_BT], dq[DW_BT];
+      bool recompute = false;
+#pragma unroll
+      for (int k = 0; k < DW_BT; ++k) {
+        if (k < kn) {
+          xq[k] = s_buf[((stage * DW_BT + k) * 2 + 0) * DW_THR + tid];
+          dq[k] = s_buf[((stage * DW_BT + k) * 2 + 1) * DW_THR + tid];
+          recompute |= s_rank[k0 + k] >= W;
+        } else {
+          xq[k] = make_uint4(0u, 0u, 0u, 0u);
+          dq[k] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      // partial dot products over this thread's 8 columns, reduced over the CTA
+      float part[3 * DW_BT];
+#pragma unroll
+      for (int k = 0; k < DW_BT; ++k) {
+        float fx[8], fy[8];
+        hy_unpack8(xq[k], fx);
+        hy_unpack8(dq[k], fy);
+        float pd = 0.f, pg = 0.f, pu = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) pd = fmaf(fy[e], wd[e], pd);
+        if (recompute) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], wg[e], pg);
+#if HY_GATED
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], wu[e], pu);
+#endif
+        }
+        part[3 * k + 0] = pd;
+        part[3 * k + 1] = pg;
+        part[3 * k + 2] = pu;
+      }
+      if (recompute) {
+#pragma unroll
+        for (int i = 0; i < 3 * DW_BT; ++i) part[i] = hy_warp_sum(part[i]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < DW_BT; ++k) part[3 * k] = hy_warp_sum(part[3 * k]);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < 3 * DW_BT; ++i) s_part[warp][i] = part[i];
+      }
+      __syncthreads();
+      if (tid < kn) {
+        const int k = tid;
+        float pd = 0.f, pg = 0.f, pu = 0.f;
+#pragma unroll
+        for (int w = 0; w < DW_WARPS; ++w) {
+          pd += s_part[w][3 * k + 0];
+          pg += s_part[w][3 * k + 1];
+          pu += s_part[w][3 * k + 2];
+        }
+        const int t = s_tok[k0 + k];
+        const int rank = s_rank[k0 + k];
+        float a, u;
+        if (rank < W) {
+          const float2 e = __ldg(ell + (size_t)t * W + rank);
+          a = e.x;
+          u = e.y;
+        } else {
+          a = fmaxf(pg, 0.f);
+          u = pu;
+        }
+#if HY_GATED
+        const float h = a * u;
+        const float dh = pd + dl1 * hy_sign(h);
+        const float du = dh * a;
+        const float dg = (a > 0.f) ? dh * u : 0.f;
+#else
+        (void)u;
+        const float h = a;
+        const float dh = pd + dl1 * hy_sign(h);
+        const float du = 0.f;
+        const float dg = (a > 0.f) ? dh : 0.f;
+#endif
+        s_coef[k][0] = dg;
+        s_coef[k][1] = du;
+        s_coef[k][2] = h;
+        if (rank < W) ell_d[(size_t)t * W + rank] = make_float2(dg, du);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < DW_BT; ++k) {
+        if (k < kn) {
+          const float dg = s_coef[k][0], h = s_coef[k][2];
+          hy_axpy8(ag, dg, xq[k]);
+#if HY_GATED
+          hy_axpy8(au, s_coef[k][1], xq[k]);
+#endif
+          hy_axpy8(ad, h, dq[k]);
+        }
+      }
+    }
+    }
+  }
+  hy_cp_wait<0>();
+  reinterpret_cast<uint4*>(DWG + (size_t)j * D)[tid] = hy_pack8(ag);
+#if HY_GATED
+  reinterpret_cast<uint4*>(DWU + (size_t)j * D)[tid] = hy_pack8(au);
+#endif
+  reinterpret_cast<uint4*>(DWDT + (size_t)j * D)[tid] = hy_pack8(ad);
+}

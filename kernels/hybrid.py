@@ -1,0 +1,291 @@
+"""Hybrid-format sparse FFN for training: `hybrid_ffn(x, w_gate, w_up, w_down, *, ell_width=None)`.
+
+Returns (y, l1_sum, tile_counts, neuron_counts): y [N, d_model] and l1_sum (float32 scalar, sum of
+|h|) are differentiable w.r.t. x and the weights; the counts are the statistics of
+`reference.activation_stats`. Two `torch.library.custom_op`s in namespace `sparse_llm`:
+`hybrid_ffn_fwd` (also returns the hybrid format saved for the backward) and `hybrid_ffn_bwd`.
+CPU tensors (and CUDA shapes the kernels do not take) run `hybrid_reference`; CUDA runs the
+kernels of kernels/cuda/hybrid.cu. No host synchronisation in either direction.
+
+`HybridRouter` decides per layer between dense and hybrid from the measured active fraction, with
+hysteresis, on the device; the host reads the decision only when it synchronises anyway (log steps).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from sparse_llm.kernels import hybrid_reference as ref
+
+DEFAULT_ELL_WIDTH = 128
+SOURCE = "hybrid.cu"
+_FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
+_DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
+
+
+def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
+    width = DEFAULT_ELL_WIDTH if ell_width is None else int(ell_width)
+    if width < 1:
+        raise ValueError(f"ell_width must be >= 1, got {width}")
+    return min(width, max(d_ff, 1))
+
+
+def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor) -> bool:
+    """Whether the CUDA kernels take these tensors (else the reference runs, on the same device)."""
+    tensors = [t for t in (x, w_gate, w_up, w_down) if t is not None]
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != x.dtype for t in tensors):
+        return False
+    d_model, d_ff = x.shape[1], w_up.shape[0]
+    if d_model % 256 or not 256 <= d_model <= 4096 or d_ff % 32 or d_ff == 0 or d_ff > 65504:
+        return False
+    if x.shape[0] >= 2**31 // max(d_model, d_ff):
+        return False
+    from sparse_llm.kernels.loader import cupy_available
+
+    return cupy_available()
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA launches
+
+
+def _kernel(name: str, device, d_model: int, gated: bool, dtype: torch.dtype):
+    from sparse_llm.kernels.loader import get_kernel
+
+    return get_kernel(SOURCE, name, device, HY_D=d_model, HY_GATED=int(gated),
+                      HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
+
+
+def _c(t: Tensor) -> Tensor:
+    """Contiguous with a 16-byte aligned start (the kernels use 16-byte vector accesses)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _fwd_cuda(x, w_gate, w_up, w_down, width):
+    import numpy as np
+
+    from sparse_llm.kernels.loader import launch, ptr
+
+    n, d_model = x.shape
+    d_ff = w_up.shape[0]
+    gated = w_gate is not None
+    dev, dt = x.device, x.dtype
+    x = _c(x)
+    w_up = _c(w_up)
+    g = _c(torch.mm(x, (w_gate if gated else w_up).t()))  # the one dense GEMM (cuBLAS)
+    wdt = _c(w_down.t())
+    nw, nt = ref.words(d_ff), ref.tiles(d_ff)
+    mrow = torch.empty(n, nw, dtype=torch.int32, device=dev)
+    tprefix = torch.empty(n, nt, dtype=torch.int32, device=dev)
+    y = torch.empty(n, d_model, dtype=dt, device=dev)
+    ell = torch.zeros(n, width, 2, dtype=torch.float32, device=dev)
+    l1_tok = torch.empty(n, dtype=torch.float32, device=dev)
+    tile_counts = torch.empty(n, nt, dtype=torch.int32, device=dev)
+    neuron_counts = torch.zeros(d_ff, dtype=torch.int32, device=dev)
+    if n > 0:
+        i32 = np.int32
+        launch(_kernel("hy_pack", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
+               (ptr(g), ptr(mrow), ptr(tprefix), i32(n), i32(d_ff)))
+        launch(_kernel("hy_forward", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
+               (_FWD_WARPS * 32,),
+               (ptr(x), ptr(g), ptr(w_up), ptr(wdt), ptr(mrow), ptr(y), ptr(ell), ptr(l1_tok),
+                ptr(tile_counts), ptr(neuron_counts), i32(n), i32(d_ff), i32(width)),
+               shared_mem=_FWD_WARPS * nt * 4)
+    return y, l1_tok.sum(), tile_counts, neuron_counts, mrow, tprefix, ell
+
+
+def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
+    import numpy as np
+
+    from sparse_llm.kernels.loader import launch, ptr
+
+    n, d_model = x.shape
+    d_ff = w_up.shape[0]
+    width = ell.shape[1]
+    gated = w_gate is not None
+    dev, dt = x.device, x.dtype
+    x, dy, w_up = _c(x), _c(dy.to(dt)), _c(w_up)
+    wg = _c(w_gate) if gated else w_up
+    wdt = _c(w_down.t())
+    dl1 = dl1.reshape(()).to(torch.float32).contiguous()
+    nw, wc = ref.words(d_ff), (n + 31) // 32
+    i32 = np.int32
+    mcol = torch.empty(d_ff, wc, dtype=torch.int32, device=dev)
+    ell_d = torch.empty(n, width, 2, dtype=torch.float32, device=dev)
+    dwg = torch.empty(d_ff, d_model, dtype=dt, device=dev)
+    dwu = torch.empty(d_ff, d_model, dtype=dt, device=dev) if gated else None
+    dwdt = torch.empty(d_ff, d_model, dtype=dt, device=dev)
+    dx = torch.empty(n, d_model, dtype=dt, device=dev)
+    if n > 0:
+        launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
+               (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
+    threads = d_model // 8
+    launch(_kernel("hy_dw", dev, d_model, gated, dt), (d_ff,), (threads,),
+           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
+            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt),
+            i32(n), i32(d_ff), i32(width)),
+           shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
+    if n > 0:
+        launch(_kernel("hy_dx", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
+               (_FWD_WARPS * 32,),
+               (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(ell_d),
+                ptr(dl1), ptr(dx), i32(n), i32(d_ff), i32(width)))
+    dwd = dwdt.t().contiguous()
+    if gated:
+        return dx, dwg, dwu, dwd
+    return dx, None, dwg, dwd
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("sparse_llm::hybrid_ffn_fwd", mutates_args=())
+def hybrid_ffn_fwd(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor,
+                   ell_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, l1_sum, tile_counts, neuron_counts, mrow, tprefix, ell); see hybrid_reference."""
+    if kernel_supported(x, w_gate, w_up, w_down):
+        return _fwd_cuda(x, w_gate, w_up, w_down, ell_width)
+    out = ref.forward(x, w_gate, w_up, w_down, ell_width)
+    return tuple(t.contiguous() for t in out)
+
+
+@hybrid_ffn_fwd.register_fake
+def _(x, w_gate, w_up, w_down, ell_width):
+    n = x.shape[0]
+    d_ff = w_up.shape[0]
+    nw, nt = ref.words(d_ff), ref.tiles(d_ff)
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return (x.new_empty(n, w_down.shape[0]), x.new_empty((), dtype=torch.float32),
+            x.new_empty(n, nt, **i32), x.new_empty(d_ff, **i32), x.new_empty(n, nw, **i32),
+            x.new_empty(n, nt, **i32), x.new_empty(n, ell_width, 2, dtype=torch.float32))
+
+
+@torch.library.custom_op("sparse_llm::hybrid_ffn_bwd", mutates_args=())
+def hybrid_ffn_bwd(dy: Tensor, dl1: Tensor, x: Tensor, w_gate: Optional[Tensor], w_up: Tensor,
+                   w_down: Tensor, mrow: Tensor, tprefix: Tensor, ell: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw_gate (empty when w_gate is None), dw_up, dw_down) from the hybrid format."""
+    if kernel_supported(x, w_gate, w_up, w_down):
+        out = _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell)
+    else:
+        out = ref.backward(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell)
+    dx, dwg, dwu, dwd = out
+    if dwg is None:
+        dwg = x.new_empty(0)
+    return dx.contiguous(), dwg.contiguous(), dwu.contiguous(), dwd.contiguous()
+
+
+@hybrid_ffn_bwd.register_fake
+def _(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
+    dwg = torch.empty_like(w_gate) if w_gate is not None else x.new_empty(0)
+    return torch.empty_like(x), dwg, torch.empty_like(w_up), torch.empty_like(w_down)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_gate, w_up, w_down, _ = inputs
+    _, _, _, _, mrow, tprefix, ell = output
+    ctx.gated = w_gate is not None
+    ctx.save_for_backward(x, w_gate, w_up, w_down, mrow, tprefix, ell)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _backward(ctx, dy, dl1, *_):
+    x, w_gate, w_up, w_down, mrow, tprefix, ell = ctx.saved_tensors
+    if dy is None:
+        dy = x.new_zeros(x.shape[0], w_down.shape[0])
+    if dl1 is None:
+        dl1 = torch.zeros((), dtype=torch.float32, device=x.device)
+    dx, dwg, dwu, dwd = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, w_gate, w_up, w_down,
+                                                            mrow, tprefix, ell)
+    return dx, (dwg if ctx.gated else None), dwu, dwd, None
+
+
+hybrid_ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hybrid_ffn(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor, *,
+               ell_width: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, l1_sum, tile_counts, neuron_counts) of the ReLU-gated FFN (non-gated when w_gate is None).
+
+    x [..., d_model] (leading dims are flattened for the statistics); weights in nn.Linear layout.
+    Weights of another dtype than x are cast to it first (differentiably).
+    """
+    d_model = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_model)
+    cast = lambda w: None if w is None or w.dtype == x.dtype else w.to(x.dtype)  # noqa: E731
+    w_gate = cast(w_gate) if w_gate is not None and w_gate.dtype != x.dtype else w_gate
+    w_up = cast(w_up) if w_up.dtype != x.dtype else w_up
+    w_down = cast(w_down) if w_down.dtype != x.dtype else w_down
+    width = resolve_ell_width(ell_width, w_up.shape[0])
+    y, l1_sum, tile_counts, neuron_counts, *_ = torch.ops.sparse_llm.hybrid_ffn_fwd(
+        x2, w_gate, w_up, w_down, width)
+    return y.reshape(*lead, w_down.shape[0]), l1_sum, tile_counts, neuron_counts
+
+
+# ----------------------------------------------------------------------------------------------
+# routing for kernel=auto
+
+# Active fraction (mean active units per token / d_ff) below which the hybrid kernels beat dense
+# fwd+bwd, measured by `python -m sparse_llm.kernels.bench training --sweep` (see NOTES_hybrid.md).
+CROSSOVER_ACTIVE_FRAC = 0.02
+
+
+class HybridRouter:
+    """Per-layer dense/hybrid choice with hysteresis, kept on the device.
+
+    Each step, `observe(layer, active_frac)` folds the layer's measured active fraction (a device
+    scalar, e.g. tile_counts.sum() / (N * d_ff)) into an exponential moving average and updates the
+    layer's device-side decision: switch to hybrid when the average falls below
+    `crossover * (1 - band)`, back to dense when it rises above `crossover * (1 + band)`. Nothing
+    here reads the device. The host copy `use_hybrid` (what the model reads each step) changes only
+    in `sync()`, which the trainer calls at log intervals, where it synchronises anyway; between
+    syncs the model runs on the last synced decision, so a step never waits for the device.
+    All layers start dense (the active fraction of a fresh ReLU layer is about one half).
+    """
+
+    def __init__(self, num_layers: int, device="cpu", crossover: float = CROSSOVER_ACTIVE_FRAC,
+                 band: float = 0.25, momentum: float = 0.9):
+        if not 0 <= band < 1 or not 0 <= momentum < 1 or crossover <= 0:
+            raise ValueError("HybridRouter needs crossover > 0, 0 <= band < 1, 0 <= momentum < 1")
+        self.crossover, self.band, self.momentum = crossover, band, momentum
+        self.ema = torch.ones(num_layers, dtype=torch.float32, device=device)
+        self.on = torch.zeros(num_layers, dtype=torch.bool, device=device)
+        self.use_hybrid = [False] * num_layers
+
+    @property
+    def low(self) -> float:
+        return self.crossover * (1 - self.band)
+
+    @property
+    def high(self) -> float:
+        return self.crossover * (1 + self.band)
+
+    @torch.no_grad()
+    def observe(self, layer: int, active_frac: Tensor) -> None:
+        frac = active_frac.detach().reshape(()).to(self.ema.device, torch.float32)
+        ema = self.ema[layer] * self.momentum + frac * (1 - self.momentum)
+        self.ema[layer] = ema
+        self.on[layer] = torch.where(self.on[layer], ema < self.high, ema < self.low)
+
+    def sync(self) -> list[bool]:
+        """Read the device decisions into `use_hybrid` (one small device-to-host copy)."""
+        self.use_hybrid = [bool(v) for v in self.on.tolist()]
+        return self.use_hybrid
+
+    def kernel_for(self, layer: int) -> str:
+        return "hybrid" if self.use_hybrid[layer] else "dense"
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.clone(), "on": self.on.clone(), "use_hybrid": list(self.use_hybrid)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.copy_(state["ema"])
+        self.on.copy_(state["on"])
+        self.use_hybrid = list(state["use_hybrid"])

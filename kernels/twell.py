@@ -1,0 +1,267 @@
+"""TwELL inference FFN: gate GEMM -> ReLU + TwELL pack -> fused sparse up / gating / down.
+
+    y = twell_ffn(x, w_gate, w_up, w_down)          # x [..., d_model]; w_gate may be None (non-gated)
+
+Pipeline on CUDA (all on torch.cuda.current_stream(), no host synchronization, CUDA-graph capturable):
+ 1. G = x W_gate^T by cuBLAS (torch.matmul), in the input dtype. Non-gated: G = x W_up^T.
+ 2. kernels/cuda/twell_pack.cu: ReLU + TwELL pack of G (per row and tile of `tile` columns: the true
+    active count and up to `slots` (bits(value) << 16 | column) entries) and the overflow statistics.
+ 3. kernels/cuda/twell_ffn.cu: per token, walk the active (neuron, g) pairs: u = x . Wu[j],
+    h = g * u, y += h * Wd^T[j]; a tile whose count exceeds `slots` is read from G instead (exact).
+Weights keep nn.Linear layout; the down weight is used transposed ([d_ff, d_model], rows contiguous):
+pass `w_down_t=w_down.t().contiguous()` (cache it) to skip the transpose per call.
+
+Exposed as the custom op ``torch.ops.sparse_llm.twell_ffn`` (with a fake implementation for
+torch.compile / meta tensors, and a CPU implementation that follows twell_reference.py).
+Compiled modules are cached in-process and on disk by CuPy (``$CUPY_CACHE_DIR``, default
+``~/.cupy/kernel_cache``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from sparse_llm.kernels import twell_reference as _ref
+from sparse_llm.kernels.twell_reference import DEFAULT_SLOTS, DEFAULT_TILE, num_tiles
+
+MAX_SLOTS = 64
+MAX_D_FF = 65536  # neuron indices travel in 16 bits
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch configuration of twell_ffn.cu (see kernels/README.md and NOTES_twell.md)."""
+
+    slice_width: int = 1024  # d_model columns per warp; warps per token = d_model / slice_width
+    group: int = 2  # (neuron) pairs walked together per step
+    regs: int = 168  # register cap per thread (sets __launch_bounds__ min blocks)
+    hints: int = 1  # L2 evict_last on weight rows, evict_first on activations
+    scan: int = 0  # 1: ignore the packed form, scan the dense gate rows (comparison variant)
+
+    def team(self, d_model: int) -> int:
+        team = 1
+        while d_model // team > self.slice_width and team < 8 and d_model % (16 * team) == 0:
+            team *= 2
+        return team
+
+    def block(self, d_model: int) -> int:
+        return 32 * max(4, self.team(d_model))
+
+
+# Chosen by the sweep in bench_inference (`--sweep`); see NOTES_twell.md for the measured table.
+DEFAULT_CONFIG = FusedConfig()
+_config_override: Optional[FusedConfig] = None
+
+
+def set_default_config(config: Optional[FusedConfig]) -> None:
+    """Override the launch configuration used by twell_ffn (None restores DEFAULT_CONFIG)."""
+    global _config_override
+    _config_override = config
+
+
+def current_config() -> FusedConfig:
+    return _config_override or DEFAULT_CONFIG
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch threshold: measured, not guessed.
+# TWELL_CROSSOVER_ACTIVE_FRACTION[(d_model, d_ff)] is the mean active fraction (active units per
+# token / d_ff) at which TwELL's time equals dense eager PyTorch's, from a linear fit of TwELL time vs.
+# mean active count over the 99.5 / 98.9 / 98 / 95 % levels of `python -m sparse_llm.kernels.bench
+# inference` (131072 tokens, bf16). Source of each number: NOTES_twell.md (device, date).
+MEASURED_CROSSOVER: dict[tuple[int, int], float] = {}
+# Used for shapes not measured: DESIGN.md section 6's estimate (60 active / 5632 caps the gather at
+# ~1.1x), i.e. about 1.0%; replaced by the measured minimum over shapes once measured.
+FALLBACK_CROSSOVER = 0.0100
+
+
+def crossover_active_fraction(d_model: int, d_ff: int) -> float:
+    if (d_model, d_ff) in MEASURED_CROSSOVER:
+        return MEASURED_CROSSOVER[(d_model, d_ff)]
+    if MEASURED_CROSSOVER:
+        # the crossover is roughly shape-independent (gate GEMM and gather both scale with d_model);
+        # take the closest measured d_model, conservatively the smallest value among ties
+        best = min(MEASURED_CROSSOVER, key=lambda s: (abs(math.log2(s[0] / d_model)), MEASURED_CROSSOVER[s]))
+        return MEASURED_CROSSOVER[best]
+    return FALLBACK_CROSSOVER
+
+
+def twell_is_faster(active_fraction: float, d_model: int, d_ff: int) -> bool:
+    """True when TwELL inference is expected to beat dense eager PyTorch at this mean active fraction.
+    Take a safety margin in the caller if the fraction is noisy (dispatch to dense near the line)."""
+    return active_fraction < crossover_active_fraction(d_model, d_ff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+def _dtype_code(dtype: torch.dtype) -> int:
+    if dtype == torch.bfloat16:
+        return 0
+    if dtype == torch.float16:
+        return 1
+    raise TypeError(f"TwELL kernels take bfloat16 or float16, got {dtype}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _check_shapes(x_last: int, w_gate, w_up, w_down_t, tile: int, slots: int) -> tuple[int, int]:
+    d_ff, d_model = w_up.shape
+    if x_last != d_model:
+        raise ValueError(f"x has {x_last} features but w_up is [{d_ff}, {d_model}]")
+    if w_gate is not None and tuple(w_gate.shape) != (d_ff, d_model):
+        raise ValueError(f"w_gate must be [{d_ff}, {d_model}] like w_up, got {tuple(w_gate.shape)}")
+    if tuple(w_down_t.shape) != (d_ff, d_model):
+        raise ValueError(f"w_down_t must be [d_ff, d_model] = [{d_ff}, {d_model}], got {tuple(w_down_t.shape)}"
+                         " (pass w_down [d_model, d_ff] to twell_ffn, or w_down.t().contiguous())")
+    if d_model % 64 or d_ff % 64:
+        raise ValueError(f"d_model and d_ff must be multiples of 64, got {d_model} and {d_ff}")
+    if d_ff > MAX_D_FF:
+        raise ValueError(f"d_ff must be at most {MAX_D_FF}, got {d_ff}")
+    if tile % 256 or not 256 <= tile <= 65536:
+        raise ValueError(f"tile must be a multiple of 256 in [256, 65536], got {tile}")
+    if not 1 <= slots <= min(MAX_SLOTS, tile):
+        raise ValueError(f"slots must be in [1, {min(MAX_SLOTS, tile)}], got {slots}")
+    return d_model, d_ff
+
+
+def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch.dtype,
+                  config: Optional[FusedConfig] = None) -> dict[str, int]:
+    """The -D defines twell_ffn.cu is compiled with for this problem and launch configuration."""
+    cfg = config or current_config()
+    block = cfg.block(d_model)
+    return dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_GATED=int(gated), TW_DTYPE=_dtype_code(dtype),
+                TW_TEAM=cfg.team(d_model), TW_BLOCK=block, TW_MINB=max(1, 65536 // (block * cfg.regs)),
+                TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan)
+
+
+def pack_defines(tile: int, slots: int, dtype: torch.dtype) -> dict[str, int]:
+    return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=4)
+
+
+def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS):
+    """ReLU + TwELL pack of G [N, d_ff] on CUDA. Returns (counts int32 [N, nt], slots int32
+    [N, nt, slots], stats int32 [2]) in the layout of twell_reference.pack_twell (slots past a tile's
+    count are left unwritten)."""
+    from sparse_llm.kernels.loader import get_kernel, launch, ptr
+
+    gate = _aligned(gate)
+    n, d_ff = gate.shape
+    if d_ff % 8:
+        raise ValueError(f"d_ff must be a multiple of 8, got {d_ff}")
+    nt = num_tiles(d_ff, tile)
+    counts = torch.empty(n, nt, dtype=torch.int32, device=gate.device)
+    packed = torch.empty(n, nt, slots, dtype=torch.int32, device=gate.device)
+    stats = torch.zeros(2, dtype=torch.int32, device=gate.device)
+    if n == 0:
+        return counts, packed, stats
+    defines = pack_defines(tile, slots, gate.dtype)
+    kernel = get_kernel("twell_pack.cu", "twell_pack", gate.device, **defines)
+    grid = (-(-(n * nt) // (8 * defines["TW_PACK_UNR"])),)
+    launch(kernel, grid, (256,), (ptr(gate), ptr(counts), ptr(packed), ptr(stats), np.int32(n), np.int32(d_ff)))
+    return counts, packed, stats
+
+
+def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
+                     w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
+                     out: Optional[torch.Tensor] = None, config: Optional[FusedConfig] = None) -> torch.Tensor:
+    """The fused sparse stage: y [N, d_model] from x [N, d_model], the dense gate G [N, d_ff] (read
+    only for overflowing tiles) and its TwELL form. `w_up=None` is the non-gated FFN (h = ReLU(G))."""
+    from sparse_llm.kernels.loader import get_kernel, launch, ptr
+
+    cfg = config or current_config()
+    n, d_model = x2d.shape
+    d_ff = gate.shape[1]
+    slots = packed.shape[-1]
+    y = out if out is not None else torch.empty_like(x2d)
+    if n == 0:
+        return y
+    defines = fused_defines(d_model, tile, slots, w_up is not None, x2d.dtype, cfg)
+    kernel = get_kernel("twell_ffn.cu", "twell_ffn_fused", x2d.device, **defines)
+    block = defines["TW_BLOCK"]
+    tokens_per_block = block // 32 // defines["TW_TEAM"]
+    grid = (-(-n // tokens_per_block),)
+    args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y),
+            np.int32(n), np.int32(d_ff))
+    launch(kernel, grid, (block,), args)
+    return y
+
+
+def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
+    d_model = x.shape[-1]
+    x2 = _aligned(x.reshape(-1, d_model))
+    w_up = _aligned(w_up)
+    w_down_t = _aligned(w_down_t)
+    gate_w = w_up if w_gate is None else _aligned(w_gate)
+    gate = torch.matmul(x2, gate_w.t())
+    cfg = current_config()
+    if cfg.scan:
+        nt = num_tiles(gate.shape[1], tile)
+        # the scan variant reads no packed form (and so has no overflow to count)
+        counts = torch.empty(0, nt, dtype=torch.int32, device=x.device)
+        packed = torch.empty(0, nt, slots, dtype=torch.int32, device=x.device)
+        stats = torch.zeros(2, dtype=torch.int32, device=x.device)
+    else:
+        counts, packed, stats = twell_pack(gate, tile, slots)
+    y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
+    return y.view(*x.shape[:-1], d_model), stats
+
+
+@torch.library.custom_op("sparse_llm::twell_ffn", mutates_args=())
+def twell_ffn_op(x: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down_t: torch.Tensor,
+                 tile: int, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., d_model], stats int32 [2] = (overflowing tiles, active entries in them))."""
+    _check_shapes(x.shape[-1], w_gate, w_up, w_down_t, tile, slots)
+    if x.is_cuda:
+        _dtype_code(x.dtype)
+        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+            if w is not None and (w.dtype != x.dtype or w.device != x.device):
+                raise ValueError(f"{name} is {w.dtype} on {w.device}; x is {x.dtype} on {x.device}: they must match")
+        return _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots)
+    y, stats = _ref.twell_ffn_reference(x, w_gate, w_up, w_down_t.t(), tile, slots)
+    return y.to(x.dtype), stats
+
+
+@twell_ffn_op.register_fake
+def _twell_ffn_fake(x, w_gate, w_up, w_down_t, tile, slots):
+    _check_shapes(x.shape[-1], w_gate, w_up, w_down_t, tile, slots)
+    return x.new_empty(x.shape), x.new_empty((2,), dtype=torch.int32)
+
+
+def twell_ffn(x: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: Optional[torch.Tensor],
+              *, w_down_t: Optional[torch.Tensor] = None, tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS,
+              return_stats: bool = False):
+    """y = (ReLU(x Wg^T) * (x Wu^T)) Wd^T, or ReLU(x Wu^T) Wd^T when w_gate is None, through TwELL.
+
+    x [..., d_model] bf16/fp16; w_gate, w_up [d_ff, d_model]; w_down [d_model, d_ff] (nn.Linear
+    layouts). `w_down_t` (= w_down.t().contiguous(), [d_ff, d_model]) may be given instead of / with
+    w_down to skip the transpose. `tile` (multiple of 256) and `slots` (<= 64) set the packed format;
+    tiles with more than `slots` active units are computed exactly from the dense gate row.
+    With return_stats, also returns int32 [2]: (overflowing (token, tile) pairs, active units in them).
+    """
+    if w_down_t is None:
+        if w_down is None:
+            raise ValueError("give w_down [d_model, d_ff] or w_down_t [d_ff, d_model]")
+        w_down_t = w_down.t().contiguous()
+    y, stats = torch.ops.sparse_llm.twell_ffn(x, w_gate, w_up, w_down_t, tile, slots)
+    return (y, stats) if return_stats else y
+
+
+def bytes_per_active_pair(d_model: int, gated: bool = True, itemsize: int = 2) -> int:
+    """Bytes the fused stage reads per active (token, neuron) pair: the Wu row (gated only), the
+    Wd^T row, and the 4-byte slot; from L2 when the weights are resident (they are when
+    (2 if gated else 1) * d_ff * d_model * itemsize fits in L2)."""
+    return (2 if gated else 1) * d_model * itemsize + 4
+
+
+__all__ = [
+    "FusedConfig", "DEFAULT_CONFIG", "set_default_config", "current_config", "twell_ffn", "twell_ffn_op",
+    "twell_pack", "twell_ffn_packed", "fused_defines", "pack_defines", "twell_is_faster", "crossover_active_fraction", "MEASURED_CROSSOVER",
+    "bytes_per_active_pair",
+]

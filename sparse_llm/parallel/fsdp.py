@@ -1,0 +1,58 @@
+"""Apply parallelism to single-device model code, in one fixed order:
+activation checkpointing -> per-block torch.compile -> FSDP2 `fully_shard` per block, then the root.
+
+The model is built on the meta device and materialized after sharding, so no rank ever holds the
+whole unsharded model. A world of one goes through the same path (FSDP2 over a mesh of one).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from sparse_llm.config import ParallelConfig
+
+
+def build_mesh(world_size: int, device: torch.device, cfg: ParallelConfig) -> DeviceMesh:
+    """1-D mesh for FSDP, or (replicate, shard) for HSDP when parallel.replicate > 1."""
+    if cfg.replicate > 1:
+        return init_device_mesh(device.type, (cfg.replicate, world_size // cfg.replicate),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+
+
+def _checkpoint_blocks(model: nn.Module, cfg: ParallelConfig) -> None:
+    if cfg.activation_checkpointing == "none":
+        return
+    every = 1 if cfg.activation_checkpointing == "full" else cfg.selective_every
+    for index, block in enumerate(model.blocks):
+        if index % every == 0:
+            model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def _compile_blocks(model: nn.Module) -> None:
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = torch.compile(block, fullgraph=False)
+
+
+def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 parameters for compute with fp32 gradient reduction on GPU (or when asked); fp32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, precision: str,
+                      device: torch.device) -> nn.Module:
+    _checkpoint_blocks(model, cfg)
+    if cfg.compile:
+        _compile_blocks(model)
+    policy = mixed_precision(precision, device)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    # the root holds the tied embedding / LM head and the final norm; its params stay unsharded
+    # after forward since the LM head runs last and backward needs them at once
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model

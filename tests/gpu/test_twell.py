@@ -1,0 +1,172 @@
+"""TwELL inference kernels on a GPU, against the float32 reference and the CPU format oracle.
+
+Fresh random inputs every run (the seed is in each failure message); outputs are poisoned with NaN
+before the kernels run where the test owns the buffer.
+Run: PYTHONPATH=$PWD python -m pytest -m gpu tests/gpu/test_twell.py -q
+"""
+import os
+
+import pytest
+import torch
+
+from sparse_llm.kernels import twell
+from sparse_llm.kernels import twell_reference as tr
+from sparse_llm.kernels.reference import ffn_reference_fp32
+from sparse_llm.kernels.synthetic import make_synthetic_ffn
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _seed():
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def _rel(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _adversarial_gate(n, d_ff, tile, slots, dtype, seed):
+    """Random ~1% gate with adversarial rows: all zero, fully dense, every tile exactly full,
+    one tile over by one, one tile fully dense, and NaN-free negative rows."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    gate = torch.randn(n, d_ff, generator=g, device=DEV)
+    mask = torch.rand(n, d_ff, generator=g, device=DEV) < 0.01
+    gate = torch.where(mask, gate.abs() + 0.05, -gate.abs() - 0.05)
+    nt = tr.num_tiles(d_ff, tile)
+    gate[0] = -1.0  # no active unit
+    gate[1] = gate[1].abs() + 0.1  # every unit active: every tile overflows
+    for k in range(nt):  # every tile exactly full
+        w = min(tile, d_ff - k * tile)
+        gate[2, k * tile: k * tile + w] = -1.0
+        cols = k * tile + torch.randperm(w, generator=g, device=DEV)[: min(slots, w)]
+        gate[2, cols] = 1.0 + torch.rand(len(cols), generator=g, device=DEV)
+    gate[3, tile: tile + slots + 1] = 2.0  # one tile over by one
+    gate[4, :tile] = 0.5  # one tile fully dense
+    gate[n // 2:: 97] = -0.3  # scattered empty rows
+    return gate.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pack_matches_reference(dtype):
+    seed = _seed()
+    n, d_ff, tile, slots = 1000, 2816, 256, 32
+    gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
+    counts, packed, stats = twell.twell_pack(gate, tile, slots)
+    ref = tr.pack_twell(gate.cpu(), tile, slots)
+    assert torch.equal(counts.cpu(), ref.counts), f"seed {seed}"
+    valid = ref.valid_mask()
+    assert torch.equal(packed.cpu()[valid], ref.slots[valid]), f"seed {seed}"
+    assert stats.cpu().tolist() == ref.stats().tolist(), f"seed {seed}"
+    assert ref.overflow[1].all() and not ref.overflow[2].any() and ref.overflow[3, 1] and ref.overflow[4, 0]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype,n,d_model,d_ff,tile,slots", [
+    (torch.bfloat16, 1000, 1024, 2816, 256, 32),
+    (torch.float16, 127, 1024, 2816, 512, 8),
+    (torch.bfloat16, 301, 1088, 2112, 256, 16),  # d_model, d_ff multiples of 64 only; partial last tile
+])
+def test_fused_adversarial_poisoned(gated, dtype, n, d_model, d_ff, tile, slots):
+    seed = _seed()
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
+    x = torch.randn(n, d_model, generator=g, device=DEV).to(dtype)
+    w_up = (torch.randn(d_ff, d_model, generator=g, device=DEV) / d_model**0.5).to(dtype)
+    w_down = (torch.randn(d_model, d_ff, generator=g, device=DEV) / d_ff**0.5).to(dtype)
+    counts, packed, _ = twell.twell_pack(gate, tile, slots)
+    y = torch.full((n, d_model), float("nan"), dtype=dtype, device=DEV)
+    twell.twell_ffn_packed(x, gate, counts, packed, w_up if gated else None, w_down.t().contiguous(), tile, out=y)
+    h = torch.relu(gate.float())
+    if gated:
+        h = h * (x.float() @ w_up.float().t())
+    ref = h @ w_down.float().t()
+    assert torch.isfinite(y).all(), f"seed {seed}: unwritten or non-finite outputs"
+    assert (y[0] == 0).all(), f"seed {seed}: a token with no active unit must give y = 0"
+    err = _rel(y, ref)
+    assert err < 1e-2, f"seed {seed}: rel err {err}"
+    row_err = (y.float() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-6)
+    assert row_err[1:5].max().item() < 2e-2, f"seed {seed}: adversarial rows {row_err[1:5].tolist()}"
+
+
+CASES = [  # d_model, d_ff, tokens, dtype, gated, tail, tile, slots
+    (1024, 2816, 1, torch.bfloat16, True, 0.0, 256, 32),
+    (1024, 2816, 127, torch.float16, True, 0.15, 256, 32),
+    (1024, 2816, 1000, torch.bfloat16, False, 0.1, 256, 32),
+    (2048, 5632, 1000, torch.bfloat16, True, 0.2, 256, 32),
+    (2048, 5632, 333, torch.float16, True, 0.0, 256, 4),  # many overflowing tiles
+    (2048, 8192, 257, torch.bfloat16, True, 0.1, 512, 32),
+    (4096, 11008, 257, torch.bfloat16, True, 0.15, 256, 32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-n{c[2]}-{str(c[3])[6:]}-{'g' if c[4] else 'ng'}-s{c[7]}")
+def test_twell_ffn_vs_fp32(case):
+    d_model, d_ff, n, dtype, gated, tail, tile, slots = case
+    seed = _seed()
+    mean_active = float(torch.empty(1).uniform_(0.003, 0.03).item()) * d_ff
+    syn = make_synthetic_ffn(n, d_model, d_ff, mean_active, tail, dtype, DEV, seed)
+    w_gate, w_up = (syn.w_gate, syn.w_up) if gated else (None, syn.w_gate)
+    x = syn.x.view(1, n, d_model)
+    y, stats = twell.twell_ffn(x, w_gate, w_up, syn.w_down, tile=tile, slots=slots, return_stats=True)
+    ref = ffn_reference_fp32(x, w_gate, w_up, syn.w_down)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.isfinite(y).all(), f"seed {seed}"
+    err = _rel(y, ref)
+    assert err < 1e-2, f"seed {seed}: rel err {err} (mean active {mean_active:.1f})"
+    gate = torch.matmul(syn.x, (w_gate if gated else w_up).t())
+    assert stats.cpu().tolist() == tr.pack_twell(gate.cpu(), tile, slots).stats().tolist(), f"seed {seed}"
+
+
+def test_scan_variant_and_configs():
+    seed = _seed()
+    syn = make_synthetic_ffn(555, 2048, 5632, 40, 0.2, torch.bfloat16, DEV, seed)
+    ref = ffn_reference_fp32(syn.x, syn.w_gate, syn.w_up, syn.w_down)
+    try:
+        for cfg in [twell.FusedConfig(scan=1), twell.FusedConfig(slice_width=2048, group=1, regs=255),
+                    twell.FusedConfig(slice_width=512, group=4, regs=96, hints=0)]:
+            twell.set_default_config(cfg)
+            y = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
+            assert _rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
+    finally:
+        twell.set_default_config(None)
+
+
+def test_cuda_graph_capture_and_replay():
+    seed = _seed()
+    syn = make_synthetic_ffn(640, 1024, 2816, 20, 0.15, torch.bfloat16, DEV, seed)
+    w_dt = syn.w_down.t().contiguous()
+    static_x = syn.x.clone()
+    run = lambda: twell.twell_ffn(static_x, syn.w_gate, syn.w_up, None, w_down_t=w_dt)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = run()
+    for scale in (1.0, 1.7):
+        new_x = syn.x.flip(0) * scale
+        static_x.copy_(new_x)
+        graph.replay()
+        eager = twell.twell_ffn(new_x, syn.w_gate, syn.w_up, None, w_down_t=w_dt)
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, eager), f"seed {seed}"
+        assert _rel(static_y, ffn_reference_fp32(new_x, syn.w_gate, syn.w_up, syn.w_down)) < 1e-2
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_opcheck(gated):
+    syn = make_synthetic_ffn(33, 256, 512, 8, 0.1, torch.bfloat16, DEV, _seed())
+    args = (syn.x.view(3, 11, 256), syn.w_gate if gated else None, syn.w_up, syn.w_down.t().contiguous(), 256, 32)
+    torch.library.opcheck(torch.ops.sparse_llm.twell_ffn.default, args)
+
+
+def test_empty_and_shape_errors():
+    syn = make_synthetic_ffn(4, 256, 512, 8, 0.0, torch.bfloat16, DEV, _seed())
+    y = twell.twell_ffn(syn.x[:0], syn.w_gate, syn.w_up, syn.w_down)
+    assert y.shape == (0, 256)
+    with pytest.raises(ValueError):
+        twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down, slots=65)

@@ -1,0 +1,126 @@
+"""CPU tests of the TwELL format oracle (kernels/twell_reference.py), the CPU path of the custom op,
+and an nvcc compile of every TwELL CUDA source for sm_90a and sm_80."""
+import re
+import shutil
+
+import pytest
+import torch
+
+from sparse_llm.kernels import twell
+from sparse_llm.kernels import twell_reference as tr
+from sparse_llm.kernels.loader import CUDA_DIR, nvcc_compile_check
+from sparse_llm.kernels.reference import ffn_reference_fp32
+
+
+def _sparse_gate(n, d_ff, frac, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate = torch.randn(n, d_ff, generator=g)
+    mask = torch.rand(n, d_ff, generator=g) < frac
+    return torch.where(mask, gate.abs() + 0.01, -gate.abs()).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_ff,tile,slots,frac", [(2816, 256, 32, 0.01), (320, 256, 4, 0.05),
+                                                   (1024, 512, 8, 0.03), (5632, 256, 1, 0.004)])
+def test_round_trip(dtype, d_ff, tile, slots, frac):
+    gate = _sparse_gate(37, d_ff, frac, dtype, seed=d_ff + slots)
+    packed = tr.pack_twell(gate, tile, slots)
+    nt = tr.num_tiles(d_ff, tile)
+    assert packed.counts.shape == (37, nt) and packed.slots.shape == (37, nt, slots)
+    assert torch.equal(tr.unpack_twell(packed, gate), torch.relu(gate))
+    # the backup is read only for overflowing tiles: a NaN backup leaves every other tile exact
+    poisoned = tr.unpack_twell(packed, torch.full_like(gate, float("nan")))
+    ok = ~packed.overflow.repeat_interleave(tile, 1)[:, :d_ff]
+    assert torch.equal(poisoned[ok], torch.relu(gate)[ok])
+
+
+def test_slot_encoding_and_order():
+    gate = torch.zeros(1, 512, dtype=torch.bfloat16)
+    gate[0, 300] = 1.5
+    gate[0, 260] = 2.0
+    gate[0, 7] = -1.0
+    packed = tr.pack_twell(gate, 256, 4)
+    assert packed.counts.tolist() == [[0, 2]]
+    bits = lambda v: torch.tensor([v], dtype=torch.bfloat16).view(torch.int16).item() & 0xFFFF  # noqa: E731
+    assert packed.slots[0, 1, :2].tolist() == [(bits(2.0) << 16) | 4, (bits(1.5) << 16) | 44]
+
+
+def test_overflow_accounting():
+    n, d_ff, tile, slots = 6, 1024, 256, 8
+    gate = torch.full((n, d_ff), -1.0, dtype=torch.bfloat16)
+    gate[1] = 1.0  # fully dense row: every tile overflows
+    gate[2, :slots] = 1.0  # exactly full tile: no overflow
+    gate[3, 256: 256 + slots + 1] = 3.0  # one tile over by one
+    gate[4, ::2] = 0.5  # every tile at half density (128 > slots)
+    # row 0 and 5: all zero (no active unit)
+    packed = tr.pack_twell(gate, tile, slots)
+    assert packed.counts[0].tolist() == [0, 0, 0, 0] and packed.counts[5].tolist() == [0, 0, 0, 0]
+    assert packed.counts[1].tolist() == [256] * 4
+    assert packed.counts[2].tolist() == [slots, 0, 0, 0]
+    assert packed.counts[3].tolist() == [0, slots + 1, 0, 0]
+    assert packed.counts[4].tolist() == [128] * 4
+    assert packed.overflow.sum().item() == 4 + 1 + 4
+    assert packed.stats().tolist() == [9, 4 * 256 + slots + 1 + 4 * 128]
+    assert torch.equal(tr.unpack_twell(packed, gate), torch.relu(gate))
+    with pytest.raises(ValueError, match="dense backup"):
+        tr.unpack_twell(packed, None)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_reference_ffn_matches_fp32(gated):
+    g = torch.Generator().manual_seed(1)
+    d_model, d_ff = 128, 320
+    x = torch.randn(2, 9, d_model, generator=g).bfloat16()
+    wg = (torch.randn(d_ff, d_model, generator=g) / d_model**0.5).bfloat16() if gated else None
+    wu = (torch.randn(d_ff, d_model, generator=g) / d_model**0.5).bfloat16()
+    wd = (torch.randn(d_model, d_ff, generator=g) / d_ff**0.5).bfloat16()
+    y, stats = tr.twell_ffn_reference(x, wg, wu, wd, tile=256, slots=4)
+    ref = ffn_reference_fp32(x, wg, wu, wd)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    assert stats[0].item() > 0  # dense-ish synthetic data: some tiles overflow, still exact
+
+
+def test_cpu_op_and_opcheck():
+    g = torch.Generator().manual_seed(2)
+    d_model, d_ff = 64, 256
+    x = torch.randn(3, 5, d_model, generator=g).bfloat16()
+    wg = (torch.randn(d_ff, d_model, generator=g) / 8).bfloat16()
+    wu = (torch.randn(d_ff, d_model, generator=g) / 8).bfloat16()
+    wd = (torch.randn(d_model, d_ff, generator=g) / 16).bfloat16()
+    y = twell.twell_ffn(x, wg, wu, wd, slots=8)
+    ref = ffn_reference_fp32(x, wg, wu, wd)
+    assert y.shape == x.shape and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    torch.library.opcheck(torch.ops.sparse_llm.twell_ffn.default, (x, wg, wu, wd.t().contiguous(), 256, 8))
+    torch.library.opcheck(torch.ops.sparse_llm.twell_ffn.default, (x, None, wu, wd.t().contiguous(), 256, 32))
+    with pytest.raises(ValueError, match="multiples of 64"):
+        twell.twell_ffn(x[..., :48], wg[:, :48], wu[:, :48], wd[:48])
+
+
+def test_dispatch_threshold():
+    f = twell.crossover_active_fraction(2048, 5632)
+    assert 0.0 < f < 0.2
+    assert twell.twell_is_faster(f / 2, 2048, 5632) and not twell.twell_is_faster(f * 2, 2048, 5632)
+
+
+TWELL_SOURCES = sorted(p.name for p in CUDA_DIR.glob("twell*.cu"))
+
+
+def _spills(report: str) -> int:
+    return sum(int(m) for m in re.findall(r"(\d+) bytes spill stores", report))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: CUDA toolkit needed to compile-check")
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+@pytest.mark.parametrize("source", TWELL_SOURCES)
+def test_nvcc_compiles(source, arch):
+    assert TWELL_SOURCES == ["twell_ffn.cu", "twell_pack.cu"]
+    if source == "twell_pack.cu":
+        variants = [twell.pack_defines(256, 32, torch.bfloat16), twell.pack_defines(512, 16, torch.float16)]
+    else:
+        variants = [twell.fused_defines(dm, 256, 32, gated, dt)
+                    for dm, gated, dt in [(2048, True, torch.bfloat16), (4096, True, torch.bfloat16),
+                                          (1024, False, torch.float16), (1088, True, torch.bfloat16)]]
+    for defines in variants:
+        report = nvcc_compile_check(source, arch, defines)
+        if arch == "sm_90a" and defines.get("TW_DMODEL", 2048) % 1024 == 0:
+            assert _spills(report) == 0, f"{source} {defines} spills registers:\n{report}"
