@@ -1,7 +1,7 @@
 """Hybrid-format sparse FFN for training: `hybrid_ffn(x, w_gate, w_up, w_down, *, ell_width=None)`.
 
 Returns (y, l1_sum, tile_counts, neuron_counts): y [N, d_model] and l1_sum (float32 scalar, sum of
-|h|) are differentiable w.r.t. x and the weights; the counts are the statistics of
+|h|; float64 for float64 inputs) are differentiable w.r.t. x and the weights; the counts are the statistics of
 `reference.activation_stats`. Two `torch.library.custom_op`s in namespace `sparse_llm`:
 `hybrid_ffn_fwd` (also returns the hybrid format saved for the backward) and `hybrid_ffn_bwd`.
 CPU tensors (and CUDA shapes the kernels do not take) run `hybrid_reference`; CUDA runs the
@@ -77,7 +77,7 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
     dev, dt = x.device, x.dtype
     x = _c(x)
     w_up = _c(w_up)
-    g = _c(torch.mm(x, (w_gate if gated else w_up).t()))  # the one dense GEMM (cuBLAS)
+    g = _c(ref.gate_preact(x, _c(w_gate) if gated else w_up))  # the one dense GEMM (cuBLAS)
     wdt = _c(w_down.t())
     nw, nt = ref.words(d_ff), ref.tiles(d_ff)
     mrow = torch.empty(n, nw, dtype=torch.int32, device=dev)
@@ -161,9 +161,10 @@ def _(x, w_gate, w_up, w_down, ell_width):
     d_ff = w_up.shape[0]
     nw, nt = ref.words(d_ff), ref.tiles(d_ff)
     i32 = dict(dtype=torch.int32, device=x.device)
-    return (x.new_empty(n, w_down.shape[0]), x.new_empty((), dtype=torch.float32),
+    acc = ref.acc_dtype(x.dtype)
+    return (x.new_empty(n, w_down.shape[0]), x.new_empty((), dtype=acc),
             x.new_empty(n, nt, **i32), x.new_empty(d_ff, **i32), x.new_empty(n, nw, **i32),
-            x.new_empty(n, nt, **i32), x.new_empty(n, ell_width, 2, dtype=torch.float32))
+            x.new_empty(n, nt, **i32), x.new_empty(n, ell_width, 2, dtype=acc))
 
 
 @torch.library.custom_op("sparse_llm::hybrid_ffn_bwd", mutates_args=())
@@ -200,7 +201,7 @@ def _backward(ctx, dy, dl1, *_):
     if dy is None:
         dy = x.new_zeros(x.shape[0], w_down.shape[0])
     if dl1 is None:
-        dl1 = torch.zeros((), dtype=torch.float32, device=x.device)
+        dl1 = torch.zeros((), dtype=ell.dtype, device=x.device)
     dx, dwg, dwu, dwd = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, w_gate, w_up, w_down,
                                                             mrow, tprefix, ell)
     return dx, (dwg if ctx.gated else None), dwu, dwd, None
@@ -219,10 +220,8 @@ def hybrid_ffn(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor
     d_model = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_model)
-    cast = lambda w: None if w is None or w.dtype == x.dtype else w.to(x.dtype)  # noqa: E731
-    w_gate = cast(w_gate) if w_gate is not None and w_gate.dtype != x.dtype else w_gate
-    w_up = cast(w_up) if w_up.dtype != x.dtype else w_up
-    w_down = cast(w_down) if w_down.dtype != x.dtype else w_down
+    cast = lambda w: w if w is None or w.dtype == x.dtype else w.to(x.dtype)  # noqa: E731
+    w_gate, w_up, w_down = cast(w_gate), cast(w_up), cast(w_down)
     width = resolve_ell_width(ell_width, w_up.shape[0])
     y, l1_sum, tile_counts, neuron_counts, *_ = torch.ops.sparse_llm.hybrid_ffn_fwd(
         x2, w_gate, w_up, w_down, width)

@@ -11,7 +11,7 @@ The format of a layer's hidden activations, saved by the forward for the backwar
   ell     float32 [N, W, 2]         (a, u) of the row's first W active pairs in column order
                                     (a = ReLU(g) as the gate GEMM rounded it, u = x_t . Wu_j in
                                     float32; u = 0 in the non-gated variant, where h = a). Slots past
-                                    the row's count are zero.
+                                    the row's count are zero. (float64 for float64 inputs.)
 A pair of rank >= W (a row past the ELL width) has no stored values: products recompute a and u
 from x and the weights in float32 (the kernels stream those rows anyway). Nothing is dropped.
 """
@@ -103,8 +103,9 @@ def from_ell(ell: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, tor
 def pack(g: torch.Tensor, u: torch.Tensor | None, width: int):
     """Gate pre-activations g [N, F] (and up products u, float32, or None) -> (mrow, tprefix, ell)."""
     active = g > 0
-    a = torch.where(active, g.float(), 0)
-    uu = torch.zeros_like(a) if u is None else torch.where(active, u.float(), 0)
+    acc = acc_dtype(g.dtype)
+    a = torch.where(active, g.to(acc), 0)
+    uu = torch.zeros_like(a) if u is None else torch.where(active, u.to(acc), 0)
     return pack_bits(active), tile_prefix(active), to_ell(active, torch.stack([a, uu], -1), width)
 
 
@@ -120,26 +121,35 @@ def unpack(mrow: torch.Tensor, ell: torch.Tensor, d_ff: int):
 # products
 
 
-def _f32(t):
-    return None if t is None else t.float()
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / format dtype: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gate_preact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g = x W^T in x's dtype: the one dense GEMM (the CUDA path makes this very call, so the
+    reference and the kernels see bit-identical gate values)."""
+    return torch.mm(x, w.t())
 
 
 def forward(x, w_gate, w_up, w_down, width: int):
     """The op's forward on the format. Returns (y, l1_sum, tile_counts, neuron_counts, mrow, tprefix, ell).
 
-    g is computed in x's dtype (as the gate GEMM does), u, h, y in float32 (y rounded to x's dtype).
+    g is computed in x's dtype (as the gate GEMM does), u, h, y in float32 (float64 for float64
+    inputs), y rounded to x's dtype.
     """
     gated = w_gate is not None
-    g = F.linear(x, w_gate if gated else w_up)
+    acc = acc_dtype(x.dtype)
+    g = gate_preact(x, w_gate if gated else w_up)
     active = g > 0
-    a = torch.where(active, g.float(), 0)
+    a = torch.where(active, g.to(acc), 0)
     if gated:
-        u = torch.where(active, x.float() @ w_up.float().t(), 0)
+        u = torch.where(active, x.to(acc) @ w_up.to(acc).t(), 0)
         h = a * u
     else:
         u = None
         h = a
-    y = (h @ w_down.float().t()).to(x.dtype)
+    y = (h @ w_down.to(acc).t()).to(x.dtype)
     l1_sum, tile_counts, neuron_counts = activation_stats(h)
     mrow, tprefix, ell = pack(g, u, width)
     return y, l1_sum, tile_counts, neuron_counts, mrow, tprefix, ell
@@ -153,17 +163,18 @@ def backward(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
     gated = w_gate is not None
     d_ff = w_up.shape[0]
     active, a_s, u_s, keep = unpack(mrow, ell, d_ff)
-    x32, dy32 = x.float(), dy.float()
-    wg32 = _f32(w_gate if gated else w_up)
+    acc = acc_dtype(x.dtype)
+    x32, dy32 = x.to(acc), dy.to(acc)
+    wg32 = (w_gate if gated else w_up).to(acc)
     g32 = x32 @ wg32.t()
     a = torch.where(keep, a_s, torch.where(active, g32.clamp_min(0), 0))
     if gated:
-        wu32 = w_up.float()
+        wu32 = w_up.to(acc)
         u = torch.where(keep, u_s, torch.where(active, x32 @ wu32.t(), 0))
         h = a * u
     else:
         h = a
-    dh = torch.where(active, dy32 @ w_down.float(), 0) + dl1.float() * torch.sign(h)
+    dh = torch.where(active, dy32 @ w_down.to(acc), 0) + dl1.to(acc) * torch.sign(h)
     pos = a > 0
     dw_down = (dy32.t() @ h).to(w_down.dtype)
     if gated:

@@ -18,6 +18,7 @@ Compiled modules are cached in-process and on disk by CuPy (``$CUPY_CACHE_DIR``,
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -34,13 +35,19 @@ MAX_D_FF = 65536  # neuron indices travel in 16 bits
 
 @dataclass(frozen=True)
 class FusedConfig:
-    """Launch configuration of twell_ffn.cu (see kernels/README.md and NOTES_twell.md)."""
+    """Launch configuration of the TwELL pipeline (see kernels/README.md and NOTES_twell.md)."""
 
     slice_width: int = 1024  # d_model columns per warp; warps per token = d_model / slice_width
-    group: int = 2  # (neuron) pairs walked together per step
-    regs: int = 168  # register cap per thread (sets __launch_bounds__ min blocks)
+    group: int = 1  # (neuron) pairs walked together per step
+    regs: int = 128  # register cap per thread (sets __launch_bounds__ min blocks)
     hints: int = 1  # L2 evict_last on weight rows, evict_first on activations
     scan: int = 0  # 1: ignore the packed form, scan the dense gate rows (comparison variant)
+    prefetch: int = 1  # issue the Wd^T row loads together with the Wu row loads
+    pack_unroll: int = 4  # (row, tile) tasks per warp in the pack kernel, loads issued together
+    chunks: int = 1  # > 1: pack chunk i+1 on a side stream while the fused kernel runs chunk i
+    grid_fill: float = 1.0  # fraction of the resident blocks the persistent fused grid uses
+    passes: int = 0  # neuron passes of the fused stage (0: enough for each pass's rows to fit L2)
+    pass_l2_factor: float = 1.4  # auto passes: weight bytes per pass <= factor x L2 size
 
     def team(self, d_model: int) -> int:
         team = 1
@@ -138,17 +145,39 @@ def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch
     block = cfg.block(d_model)
     return dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_GATED=int(gated), TW_DTYPE=_dtype_code(dtype),
                 TW_TEAM=cfg.team(d_model), TW_BLOCK=block, TW_MINB=max(1, 65536 // (block * cfg.regs)),
-                TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan)
+                TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch)
 
 
-def pack_defines(tile: int, slots: int, dtype: torch.dtype) -> dict[str, int]:
-    return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=4)
+def pack_defines(tile: int, slots: int, dtype: torch.dtype, unroll: int = 4) -> dict[str, int]:
+    return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=unroll)
 
 
-def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS):
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def _resident_blocks(kernel, block: int, minb: int) -> int:
+    """Blocks of `kernel` one SM holds at once (registers, shared memory, threads)."""
+    try:
+        regs = int(kernel.num_regs)
+        smem = int(kernel.shared_size_bytes)
+    except (AttributeError, TypeError, ValueError):
+        return minb
+    warps = block // 32
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // max(1, regs_per_warp * warps)
+    by_smem = (228 * 1024) // (smem + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // block, 32))
+
+
+def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS, *,
+               counts: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None,
+               stats: Optional[torch.Tensor] = None, unroll: Optional[int] = None):
     """ReLU + TwELL pack of G [N, d_ff] on CUDA. Returns (counts int32 [N, nt], slots int32
     [N, nt, slots], stats int32 [2]) in the layout of twell_reference.pack_twell (slots past a tile's
-    count are left unwritten)."""
+    count are left unwritten). Output buffers may be given (stats is accumulated into)."""
     from sparse_llm.kernels.loader import get_kernel, launch, ptr
 
     gate = _aligned(gate)
@@ -156,16 +185,30 @@ def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAUL
     if d_ff % 8:
         raise ValueError(f"d_ff must be a multiple of 8, got {d_ff}")
     nt = num_tiles(d_ff, tile)
-    counts = torch.empty(n, nt, dtype=torch.int32, device=gate.device)
-    packed = torch.empty(n, nt, slots, dtype=torch.int32, device=gate.device)
-    stats = torch.zeros(2, dtype=torch.int32, device=gate.device)
+    if counts is None:
+        counts = torch.empty(n, nt, dtype=torch.int32, device=gate.device)
+    if packed is None:
+        packed = torch.empty(n, nt, slots, dtype=torch.int32, device=gate.device)
+    if stats is None:
+        stats = torch.zeros(2, dtype=torch.int32, device=gate.device)
     if n == 0:
         return counts, packed, stats
-    defines = pack_defines(tile, slots, gate.dtype)
+    defines = pack_defines(tile, slots, gate.dtype, unroll or current_config().pack_unroll)
     kernel = get_kernel("twell_pack.cu", "twell_pack", gate.device, **defines)
     grid = (-(-(n * nt) // (8 * defines["TW_PACK_UNR"])),)
     launch(kernel, grid, (256,), (ptr(gate), ptr(counts), ptr(packed), ptr(stats), np.int32(n), np.int32(d_ff)))
     return counts, packed, stats
+
+
+def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, config: Optional[FusedConfig] = None) -> int:
+    """Neuron passes of the fused stage: enough that each pass's weight rows stay L2-resident."""
+    cfg = config or current_config()
+    if cfg.passes > 0:
+        return cfg.passes
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    l2 = _device_info(index)[1]
+    weight_bytes = (2 if gated else 1) * d_ff * d_model * 2
+    return max(1, math.ceil(weight_bytes / (cfg.pass_l2_factor * l2)))
 
 
 def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
@@ -186,11 +229,33 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     kernel = get_kernel("twell_ffn.cu", "twell_ffn_fused", x2d.device, **defines)
     block = defines["TW_BLOCK"]
     tokens_per_block = block // 32 // defines["TW_TEAM"]
-    grid = (-(-n // tokens_per_block),)
-    args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y),
-            np.int32(n), np.int32(d_ff))
-    launch(kernel, grid, (block,), args)
+    index = x2d.device.index if x2d.device.index is not None else torch.cuda.current_device()
+    sms = _device_info(index)[0]
+    resident = _resident_blocks(kernel, block, defines["TW_MINB"])
+    grid = (max(1, min(-(-n // tokens_per_block), int(sms * resident * cfg.grid_fill))),)
+    nt = num_tiles(d_ff, tile)
+    passes = min(num_passes(d_model, d_ff, w_up is not None, x2d.device, cfg), nt)
+    per_pass = -(-nt // passes)
+    passes = -(-nt // per_pass)
+    work = torch.zeros(passes, dtype=torch.int32, device=x2d.device)
+    y_acc = torch.empty(n, d_model, dtype=torch.float32, device=x2d.device) if passes > 1 else None
+    for p in range(passes):
+        flags = (1 if p > 0 else 0) | (2 if p < passes - 1 else 0)
+        args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y), ptr(y_acc),
+                np.uint64(work.data_ptr() + 4 * p), np.int32(n), np.int32(d_ff), np.int32(p * per_pass),
+                np.int32(min(nt, (p + 1) * per_pass)), np.int32(flags))
+        launch(kernel, grid, (block,), args)
     return y
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
 
 
 def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
@@ -207,9 +272,39 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
         counts = torch.empty(0, nt, dtype=torch.int32, device=x.device)
         packed = torch.empty(0, nt, slots, dtype=torch.int32, device=x.device)
         stats = torch.zeros(2, dtype=torch.int32, device=x.device)
-    else:
+        y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
+        return y.view(*x.shape[:-1], d_model), stats
+    n = x2.shape[0]
+    chunks = max(1, min(cfg.chunks, n // 4096))
+    if chunks == 1:
         counts, packed, stats = twell_pack(gate, tile, slots)
-    y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
+        y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
+        return y.view(*x.shape[:-1], d_model), stats
+    # Overlap: the side stream packs chunk i + 1 (DRAM-bound) while the fused kernel runs chunk i
+    # (L2-bound). Fork/join through events, so this is CUDA-graph capturable.
+    nt = num_tiles(gate.shape[1], tile)
+    counts = torch.empty(n, nt, dtype=torch.int32, device=x.device)
+    packed = torch.empty(n, nt, slots, dtype=torch.int32, device=x.device)
+    stats = torch.zeros(2, dtype=torch.int32, device=x.device)
+    y = torch.empty_like(x2)
+    bounds = [n * c // chunks for c in range(chunks + 1)]
+    main = torch.cuda.current_stream()
+    side = _side_stream(x.device)
+    side.wait_stream(main)
+    events = []
+    with torch.cuda.stream(side):
+        for c in range(chunks):
+            a, b = bounds[c], bounds[c + 1]
+            twell_pack(gate[a:b], tile, slots, counts=counts[a:b], packed=packed[a:b], stats=stats)
+            ev = torch.cuda.Event()
+            ev.record(side)
+            events.append(ev)
+    for c in range(chunks):
+        a, b = bounds[c], bounds[c + 1]
+        main.wait_event(events[c])
+        twell_ffn_packed(x2[a:b], gate[a:b], counts[a:b], packed[a:b], None if w_gate is None else w_up, w_down_t,
+                         tile, out=y[a:b], config=cfg)
+    main.wait_stream(side)
     return y.view(*x.shape[:-1], d_model), stats
 
 

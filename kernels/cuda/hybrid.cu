@@ -122,6 +122,19 @@ __device__ __forceinline__ float hy_warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float2 hy_f2(float a, float b) {
+  float2 r;
+  r.x = a;
+  r.y = b;
+  return r;
+}
+__device__ __forceinline__ uint4 hy_zero4() {
+  uint4 r;
+  r.x = r.y = r.z = r.w = 0u;
+  return r;
+}
+__device__ __forceinline__ int hy_min(int a, int b) { return a < b ? a : b; }
+
 __device__ __forceinline__ float hy_sign(float v) { return (float)(v > 0.f) - (float)(v < 0.f); }
 
 // Rank of column j among the active columns of row t (number of active columns before j).
@@ -254,7 +267,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
 #pragma unroll
       for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], h, wd[c]);
       if (lane == 0) {
-        if (rank < W) ell[(size_t)t * W + rank] = make_float2(a, u);
+        if (rank < W) ell[(size_t)t * W + rank] = hy_f2(a, u);
         if (h != 0.f) {
           tc[j >> 8] += 1;
           atomicAdd(neuron_counts + j, 1);
@@ -457,7 +470,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
     }
     // ---- the round's tokens, DW_CAP at a time, into s_tok with their ranks in s_rank
     for (int base = 0; base < total; base += DW_CAP) {
-      const int m = min(DW_CAP, total - base);
+      const int m = hy_min(DW_CAP, total - base);
       __syncthreads();  // previous list fully consumed
       if (off < base + DW_CAP && off + cnt > base) {
         int p = off;
@@ -500,7 +513,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       hy_cp_wait<DW_NS - 1>();
       const int stage = b % DW_NS;
       const int k0 = b * DW_BT;
-      const int kn = min(DW_BT, m - k0);
+      const int kn = hy_min(DW_BT, m - k0);
       uint4 xq[DW_BT], dq[DW_BT];
       bool recompute = false;
 #pragma unroll
@@ -510,8 +523,8 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
           dq[k] = s_buf[((stage * DW_BT + k) * 2 + 1) * DW_THR + tid];
           recompute |= s_rank[k0 + k] >= W;
         } else {
-          xq[k] = make_uint4(0u, 0u, 0u, 0u);
-          dq[k] = make_uint4(0u, 0u, 0u, 0u);
+          xq[k] = hy_zero4();
+          dq[k] = hy_zero4();
         }
       }
       // partial dot products over this thread's 8 columns, reduced over the CTA
@@ -583,7 +596,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
         s_coef[k][0] = dg;
         s_coef[k][1] = du;
         s_coef[k][2] = h;
-        if (rank < W) ell_d[(size_t)t * W + rank] = make_float2(dg, du);
+        if (rank < W) ell_d[(size_t)t * W + rank] = hy_f2(dg, du);
       }
       __syncthreads();
 #pragma unroll

@@ -15,6 +15,12 @@
 // with its slice of the Wu rows, a warp reduction (and, for TEAM > 1, a sum of the team's partials
 // through shared memory behind a named barrier), then the scaled accumulate of its slice of the
 // WdT rows. Loads are 16 bytes per lane, coalesced across the warp.
+//
+// Persistent grid: each team takes its next token from a global counter (atomicAdd), so a heavy
+// token (hundreds of active units) never holds up other tokens' slots. Neuron passes: only tiles
+// [tile_begin, tile_end) are walked; flags bit 0 starts from the float32 partial sums in y_acc
+// instead of zero, bit 1 writes the sums to y_acc instead of the rounded y (so a large FFN can run
+// in passes whose weight rows fit in L2).
 #include "twell_common.cuh"
 
 #ifndef TW_DMODEL
@@ -46,6 +52,9 @@
 #endif
 #ifndef TW_SCAN_BATCH
 #define TW_SCAN_BATCH 4
+#endif
+#ifndef TW_PREFETCH
+#define TW_PREFETCH 1  // issue the Wd^T row loads together with the Wu row loads
 #endif
 
 namespace twf {
@@ -111,6 +120,18 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
     float h[G];
 #pragma unroll
     for (int b = 0; b < G; ++b) ent[b] = (p + b < len) ? list[p + b] : 0u;
+#if TW_GATED && TW_PREFETCH
+    uint4 wd[G][VPL];
+#pragma unroll
+    for (int b = 0; b < G; ++b) {
+      const uint4* wr = reinterpret_cast<const uint4*>(w_dt + (unsigned long long)(ent[b] & 0xFFFFu) * DM + wt * DS);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        wd[b][i] = ((FULLV || v < NVS) && (b == 0 || p + b < len)) ? tw_ld16(wr + v, pol) : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#endif
 #if TW_GATED
     float d[G];
 #pragma unroll
@@ -151,6 +172,13 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
 #pragma unroll
     for (int b = 0; b < G; ++b) h[b] = tw_to_float(ent[b] >> 16);
 #endif
+#if TW_GATED && TW_PREFETCH
+#pragma unroll
+    for (int b = 0; b < G; ++b) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) tw_axpy8(acc[i], h[b], wd[b][i]);  // h = 0 and zeros past len
+    }
+#else
 #pragma unroll
     for (int b = 0; b < G; ++b) {
       if (b == 0 || p + b < len) {
@@ -162,6 +190,7 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
         }
       }
     }
+#endif
   }
   __syncwarp();
 }
@@ -174,116 +203,156 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
                 const tw_u16* __restrict__ w_up,    // [d_ff, d_model] (unused when TW_GATED 0)
                 const tw_u16* __restrict__ w_dt,    // [d_ff, d_model] = w_down^T
                 tw_u16* __restrict__ y,             // [n_tokens, d_model]
-                int n_tokens, int d_ff) {
+                float* __restrict__ y_acc,          // [n_tokens, d_model] float32 partial sums (passes)
+                int* __restrict__ work,             // token counter, zero at launch
+                int n_tokens, int d_ff, int tile_begin, int tile_end, int flags) {
   using namespace twf;
   __shared__ tw_u32 s_list[WARPS][LCAP];
   __shared__ float s_part[TEAMS][2 * G * TEAM];
+  __shared__ int s_tok[TEAMS][2];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int team = warp / TEAM, wt = warp - team * TEAM;
-  const long long t = (long long)blockIdx.x * TEAMS + team;
-  if (t >= n_tokens) return;  // the whole team leaves together
+  const bool leader = (wt == 0) && (lane == 0);
   const int nt = (d_ff + T - 1) / T;
+  const int tb = tile_begin, te = tile_end < nt ? tile_end : nt;
   const tw_u64 pol_keep = tw_policy_keep();
   const tw_u64 pol_stream = tw_policy_stream();
-
-  uint4 xr[VPL];
-  float acc[VPL][8];
-  {
-    const uint4* xv = reinterpret_cast<const uint4*>(x + t * DM + wt * DS);
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const int v = lane + 32 * i;
-      xr[i] = (FULLV || v < NVS) ? tw_ld16(xv + v, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-      for (int q = 0; q < 8; ++q) acc[i][q] = 0.f;
-    }
-  }
-
   tw_u32* list = s_list[warp];
   float* part = s_part[team];
   const int bar_id = 1 + team;
-  int len = 0, buf = 0;
-  const tw_u16* grow = gate + t * d_ff;
+  int buf = 0, parity = 0;
+  int next = 0;
+  if (leader) next = atomicAdd(work, 1);
 
-  // Append the active columns of grow[cb, ce) (ce - cb a multiple of 8) to the list, flushing as needed.
-  auto scan_dense = [&](int cb, int ce) {
-    for (int c0 = cb; c0 < ce; c0 += 256 * SB) {
-      uint4 gv[SB];
+  while (true) {
+    long long t;
+    if constexpr (TEAM > 1) {
+      if (leader) s_tok[team][parity] = next;
+      tw_named_barrier(bar_id, TEAM * 32);
+      t = s_tok[team][parity];
+      parity ^= 1;
+    } else {
+      t = __shfl_sync(TW_FULL_MASK, next, 0);
+    }
+    if (t >= n_tokens) break;  // the whole team leaves together
+    if (leader) next = atomicAdd(work, 1);  // in flight while this token is processed
+
+    uint4 xr[VPL];
+    float acc[VPL][8];
+    {
+      const uint4* xv = reinterpret_cast<const uint4*>(x + t * DM + wt * DS);
+      const float4* av = reinterpret_cast<const float4*>(y_acc + t * DM + wt * DS);
 #pragma unroll
-      for (int q = 0; q < SB; ++q) {
-        const int col = c0 + 256 * q + lane * 8;
-        gv[q] = (col < ce) ? tw_ld16(grow + col, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
-      }
+      for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        xr[i] = (FULLV || v < NVS) ? tw_ld16(xv + v, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
+        if ((flags & 1) && (FULLV || v < NVS)) {
+          const float4 a = av[2 * v], b = av[2 * v + 1];
+          acc[i][0] = a.x; acc[i][1] = a.y; acc[i][2] = a.z; acc[i][3] = a.w;
+          acc[i][4] = b.x; acc[i][5] = b.y; acc[i][6] = b.z; acc[i][7] = b.w;
+        } else {
 #pragma unroll
-      for (int q = 0; q < SB; ++q) {
-        if (c0 + 256 * q >= ce) break;  // warp-uniform
-        const unsigned m = tw_positive_mask8(gv[q]);
-        const int cnt = __popc(m);
-        const int incl = tw_warp_scan(cnt, lane);
-        const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
-        if (len + tot > LCAP) {
-          tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
-          len = 0;
+          for (int q = 0; q < 8; ++q) acc[i][q] = 0.f;
         }
-        int o = len + incl - cnt;
-        const int col = c0 + 256 * q + lane * 8;
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          if (m & (1u << e)) list[o++] = (tw_elem_bits(gv[q], e) << 16) | (tw_u32)(col + e);
-        len += tot;
       }
     }
-  };
+
+    int len = 0;
+    const tw_u16* grow = gate + t * d_ff;
+
+    // Append the active columns of grow[cb, ce) (ce - cb a multiple of 8) to the list, flushing as needed.
+    auto scan_dense = [&](int cb, int ce) {
+      for (int c0 = cb; c0 < ce; c0 += 256 * SB) {
+        uint4 gv[SB];
+#pragma unroll
+        for (int q = 0; q < SB; ++q) {
+          const int col = c0 + 256 * q + lane * 8;
+          gv[q] = (col < ce) ? tw_ld16(grow + col, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int q = 0; q < SB; ++q) {
+          if (c0 + 256 * q >= ce) break;  // warp-uniform
+          const unsigned m = tw_positive_mask8(gv[q]);
+          const int cnt = __popc(m);
+          const int incl = tw_warp_scan(cnt, lane);
+          const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
+          if (len + tot > LCAP) {
+            tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+            len = 0;
+          }
+          int o = len + incl - cnt;
+          const int col = c0 + 256 * q + lane * 8;
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (m & (1u << e)) list[o++] = (tw_elem_bits(gv[q], e) << 16) | (tw_u32)(col + e);
+          len += tot;
+        }
+      }
+    };
 
 #if TW_SCAN
-  scan_dense(0, d_ff);
+    scan_dense(tb * T, te * T < d_ff ? te * T : d_ff);
 #else
-  for (int k0 = 0; k0 < nt; k0 += 32) {
-    const int k = k0 + lane;
-    const int c = (k < nt) ? counts[t * nt + k] : 0;
-    const bool ovf = c > S;
-    const int cn = ovf ? 0 : c;
-    const int incl = tw_warp_scan(cn, lane);
-    const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
-    if (len + tot > LCAP) {
-      tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
-      len = 0;
-    }
-    const int off = len + incl - cn;
-    const tw_u32* sp = slots + ((unsigned long long)t * nt + k) * S;
-    for (int i0 = 0; i0 < cn; i0 += 4) {
-      tw_u32 sv[4];
+    for (int k0 = tb; k0 < te; k0 += 32) {
+      const int k = k0 + lane;
+      const int c = (k < te) ? counts[t * nt + k] : 0;
+      const bool ovf = c > S;
+      const int cn = ovf ? 0 : c;
+      const int incl = tw_warp_scan(cn, lane);
+      const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
+      if (len + tot > LCAP) {
+        tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+        len = 0;
+      }
+      const int off = len + incl - cn;
+      const tw_u32* sp = slots + ((unsigned long long)t * nt + k) * S;
+      for (int i0 = 0; i0 < cn; i0 += 4) {
+        tw_u32 sv[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) sv[q] = (i0 + q < cn) ? sp[i0 + q] : 0u;
+        for (int q = 0; q < 4; ++q) sv[q] = (i0 + q < cn) ? sp[i0 + q] : 0u;
 #pragma unroll
-      for (int q = 0; q < 4; ++q)
-        if (i0 + q < cn) list[off + i0 + q] = (sv[q] & 0xFFFF0000u) | (tw_u32)(k * T + (sv[q] & 0xFFFFu));
+        for (int q = 0; q < 4; ++q)
+          if (i0 + q < cn) list[off + i0 + q] = (sv[q] & 0xFFFF0000u) | (tw_u32)(k * T + (sv[q] & 0xFFFFu));
+      }
+      len += tot;
+      unsigned om = __ballot_sync(TW_FULL_MASK, ovf);
+      __syncwarp();
+      while (om) {  // overflowing tiles: exact, from the dense row
+        const int kk = k0 + __ffs(om) - 1;
+        om &= om - 1;
+        const int ce = (kk + 1) * T < d_ff ? (kk + 1) * T : d_ff;
+        scan_dense(kk * T, ce);
+      }
     }
-    len += tot;
-    unsigned om = __ballot_sync(TW_FULL_MASK, ovf);
-    __syncwarp();
-    while (om) {  // overflowing tiles: exact, from the dense row
-      const int kk = k0 + __ffs(om) - 1;
-      om &= om - 1;
-      const int ce = (kk + 1) * T < d_ff ? (kk + 1) * T : d_ff;
-      scan_dense(kk * T, ce);
-    }
-  }
 #endif
-  if (len > 0) tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+    if (len > 0) tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+    __syncwarp();  // the list is rewritten by the next token
 
-  tw_u16* yr = y + t * DM + wt * DS;
+    if (flags & 2) {
+      float4* ar = reinterpret_cast<float4*>(y_acc + t * DM + wt * DS);
 #pragma unroll
-  for (int i = 0; i < VPL; ++i) {
-    const int v = lane + 32 * i;
-    if (FULLV || v < NVS) {
-      uint4 o;
-      o.x = tw_pack2(acc[i][0], acc[i][1]);
-      o.y = tw_pack2(acc[i][2], acc[i][3]);
-      o.z = tw_pack2(acc[i][4], acc[i][5]);
-      o.w = tw_pack2(acc[i][6], acc[i][7]);
-      tw_st16(yr + v * 8, o, pol_stream);
+      for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        if (FULLV || v < NVS) {
+          ar[2 * v] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+          ar[2 * v + 1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
+        }
+      }
+    } else {
+      tw_u16* yr = y + t * DM + wt * DS;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        if (FULLV || v < NVS) {
+          uint4 o;
+          o.x = tw_pack2(acc[i][0], acc[i][1]);
+          o.y = tw_pack2(acc[i][2], acc[i][3]);
+          o.z = tw_pack2(acc[i][4], acc[i][5]);
+          o.w = tw_pack2(acc[i][6], acc[i][7]);
+          tw_st16(yr + v * 8, o, pol_stream);
+        }
+      }
     }
   }
 }

@@ -246,7 +246,7 @@ def ensure_default_corpus(
     """Return the default corpus manifest under `root`, fetching and preparing it on first use.
 
     A valid cached manifest is returned at once, without network."""
-    root = Path(root)
+    root = Path(root).resolve()
     cached = _cached(root, vocab_size)
     if cached is not None:
         return cached

@@ -1,0 +1,219 @@
+"""`python -m sparse_llm.kernels.bench training [options]`: hybrid-format FFN fwd+bwd against dense
+PyTorch (eager and torch.compile), all measured in one run on synthetic inputs (DESIGN section 11).
+
+Per case: measured mean / p99 / max active units per token and worst 256-wide tile, dense eager
+fwd+bwd, dense compiled fwd+bwd, ours (fwd+bwd including the L1 term and the statistics), both
+ratios, the largest relative gradient error against the float32 reference (norm-wise, over y, l1,
+dx, dWg, dWu, dWd), peak memory above the inputs, and the modelled bytes gathered per active pair
+with the rate that implies. `--sweep` times extra densities (ours vs dense eager only) and prints
+the crossover active fraction used by HybridRouter. Timings: CUDA events around each call, L2
+flushed before each repetition, median of --reps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from sparse_llm.kernels import reference
+from sparse_llm.kernels.hybrid import hybrid_ffn
+from sparse_llm.kernels.synthetic import make_synthetic_ffn
+
+
+def _flush_buffer():
+    return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.float32, device="cuda")
+
+
+def time_ms(fn, reps: int, flush: torch.Tensor, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-30)).item()
+
+
+def dense_ffn(x, wg, wu, wd):
+    return reference.ffn_reference(x, wg, wu, wd)
+
+
+def run_case(name, s, args, compiled, flush, c_l1):
+    x, wg, wu, wd = s.x, s.w_gate, s.w_up, s.w_down
+    n, d = x.shape
+    f = wu.shape[0]
+    summary = s.active_summary()
+    leaves = [t.detach().requires_grad_() for t in (x, wg, wu, wd)]
+    dy = torch.randn(n, d, device="cuda", dtype=x.dtype)
+    dl1 = torch.tensor(c_l1, device="cuda")
+
+    def ours():
+        y, l1, _, _ = hybrid_ffn(*leaves, ell_width=args.ell_width)
+        return torch.autograd.grad([y, l1], leaves, [dy, dl1])
+
+    def dense():
+        y = dense_ffn(*leaves)
+        return torch.autograd.grad([y], leaves, [dy])
+
+    def dense_c():
+        y = compiled(*leaves)
+        return torch.autograd.grad([y], leaves, [dy])
+
+    t_ours = time_ms(ours, args.reps, flush)
+    t_dense = time_ms(dense, args.reps, flush)
+    t_comp = time_ms(dense_c, args.reps, flush) if compiled is not None else float("nan")
+    mem_ours, mem_dense = peak_mib(ours), peak_mib(dense)
+
+    # errors against the float32 reference (with the same L1 term)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (x, wg, wu, wd)]
+    h = reference.ffn_hidden(*ref_leaves[:3])
+    y_ref = torch.nn.functional.linear(h, ref_leaves[3])
+    l1_ref = reference.activation_stats(h)[0]
+    g_ref = torch.autograd.grad([y_ref, l1_ref], ref_leaves, [dy.float(), dl1])
+    y, l1, _, _ = hybrid_ffn(*leaves, ell_width=args.ell_width)
+    g = torch.autograd.grad([y, l1], leaves, [dy, dl1])
+    errs = {"y": rel(y, y_ref), "l1": rel(l1, l1_ref)}
+    errs.update({k: rel(a, b) for k, a, b in zip(["dx", "dwg", "dwu", "dwd"], g, g_ref)})
+    del h, y_ref, g_ref, ref_leaves
+
+    # modelled gather bytes: forward Wu_j + Wd_j rows, dW pass x_t + dy_t, dX pass Wg_j + Wu_j; a pair
+    # past the ELL width also reads dy_t, x_t and Wd_j again in the dX pass
+    active = (x.float() @ wg.float().t()) > 0
+    pairs = active.sum().item()
+    rank = torch.cumsum(active.int(), 1) - 1
+    over = (active & (rank >= args.ell_width)).sum().item()
+    row_bytes = 2 * d
+    gathered = pairs * 6 * row_bytes + over * 3 * row_bytes
+    per_pair = gathered / max(pairs, 1)
+    rate = gathered / (t_ours * 1e-3) / 1e12
+    del active, rank
+    return dict(case=name, tokens=n, d_model=d, d_ff=f, **{f"act_{k}": v for k, v in summary.items()},
+                dense_eager_ms=t_dense, dense_compiled_ms=t_comp, ours_ms=t_ours,
+                ratio_eager=t_dense / t_ours, ratio_compiled=t_comp / t_ours, max_rel_err=max(errs.values()),
+                errs=errs, peak_mib_ours=mem_ours, peak_mib_dense=mem_dense, pairs=pairs,
+                overflow_pairs=over, kb_per_pair=per_pair / 1024, gather_tb_s=rate)
+
+
+def profile_case(s, args):
+    leaves = [t.detach().requires_grad_() for t in (s.x, s.w_gate, s.w_up, s.w_down)]
+    dy = torch.randn_like(s.x)
+    dl1 = torch.tensor(0.1, device="cuda")
+
+    def ours():
+        y, l1, _, _ = hybrid_ffn(*leaves, ell_width=args.ell_width)
+        return torch.autograd.grad([y, l1], leaves, [dy, dl1])
+
+    for _ in range(3):
+        ours()
+    torch.cuda.synchronize()
+    reps = 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            ours()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if total > 0:
+            rows.append((total / reps / 1000, ev.key[:60], ev.count // reps))
+    rows.sort(reverse=True)
+    print("\nper-kernel device time of ours, 99.5% case (ms per fwd+bwd):")
+    for ms, key, cnt in rows[:14]:
+        print(f"  {ms:7.3f}  x{cnt:<2d} {key}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sparse_llm.kernels.bench training")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--d-ff", type=int, default=5632)
+    p.add_argument("--sparsities", default="0.995,0.99,0.98")
+    p.add_argument("--tail", type=float, default=0.0, help="row-scale spread s of the level cases")
+    p.add_argument("--heavy-tail", type=float, default=0.2, help="s of the heavy-tailed 99.5%% case")
+    p.add_argument("--ell-width", type=int, default=None)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--l1-grad", type=float, default=0.1, help="dL/dl1_sum used in the backward")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--sweep", default="", help="extra mean-active counts to time (ours vs eager)")
+    p.add_argument("--profile", action="store_true", help="per-kernel times of the first case")
+    p.add_argument("--json", default="", help="write the rows to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the training bench needs a CUDA GPU")
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name()
+    d, f, n = args.d_model, args.d_ff, args.tokens
+    compiled = None if args.no_compile else torch.compile(dense_ffn)
+    flush = _flush_buffer()
+    cases = [(f"{float(sp) * 100:g}%", (1 - float(sp)) * f, args.tail) for sp in args.sparsities.split(",") if sp]
+    cases.append((f"{float(args.sparsities.split(',')[0]) * 100:g}% tail{args.heavy_tail:g}",
+                  (1 - float(args.sparsities.split(",")[0])) * f, args.heavy_tail))
+    rows = []
+    for i, (name, mean_active, tail) in enumerate(cases):
+        s = make_synthetic_ffn(n, d, f, mean_active, tail=tail, dtype=torch.bfloat16, device="cuda", seed=1 + i)
+        if i == 0 and args.profile:
+            profile_case(s, args)
+        rows.append(run_case(name, s, args, compiled, flush, args.l1_grad))
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()
+                          if k != "errs"}), flush=True)
+        print("   errors:", {k: f"{v:.2e}" for k, v in rows[-1]["errs"].items()}, flush=True)
+        del s
+    sweep = []
+    for m in [float(v) for v in args.sweep.split(",") if v]:
+        s = make_synthetic_ffn(n, d, f, m, tail=args.tail, dtype=torch.bfloat16, device="cuda", seed=100)
+        r = run_case(f"mean{m:g}", s, argparse.Namespace(**{**vars(args), "reps": max(5, args.reps // 2)}),
+                     None, flush, args.l1_grad)
+        sweep.append(r)
+        print(f"sweep mean_active {r['act_mean']:.1f} ({r['act_mean'] / f:.4f}): ours {r['ours_ms']:.3f} ms, "
+              f"dense {r['dense_eager_ms']:.3f} ms, ratio {r['ratio_eager']:.2f}", flush=True)
+        del s
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": dev, "rows": rows, "sweep": sweep}, fh, indent=1)
+
+    print(f"\nhybrid training FFN fwd+bwd, {dev}, bf16, tokens {n}, d_model {d}, d_ff {f}, "
+          f"ell_width {args.ell_width or 'default'}, median of {args.reps}, L2 flushed")
+    print("| case | act mean/p99/max (tile) | dense eager ms | dense compiled ms | ours ms | vs eager "
+          "| vs compiled | max rel err | peak MiB ours/dense | KB/pair | TB/s |")
+    print("| --- " * 11 + "|")
+    for r in rows:
+        print(f"| {r['case']} | {r['act_mean']:.1f}/{r['act_p99']:.0f}/{r['act_max']:.0f} ({r['act_worst_tile']:.0f}) "
+              f"| {r['dense_eager_ms']:.3f} | {r['dense_compiled_ms']:.3f} | {r['ours_ms']:.3f} "
+              f"| {r['ratio_eager']:.2f}x | {r['ratio_compiled']:.2f}x | {r['max_rel_err']:.1e} "
+              f"| {r['peak_mib_ours']:.0f}/{r['peak_mib_dense']:.0f} | {r['kb_per_pair']:.1f} "
+              f"| {r['gather_tb_s']:.2f} |")
+    if sweep:
+        pts = sorted((r["act_mean"] / f, r["ratio_eager"]) for r in rows[:1] + sweep)
+        cross = None
+        for (f0, r0), (f1, r1) in zip(pts, pts[1:]):
+            if r0 >= 1.0 > r1:
+                cross = f0 + (r0 - 1.0) * (f1 - f0) / (r0 - r1)
+                break
+        print(f"crossover active fraction (ours = dense eager): {cross if cross is None else round(cross, 4)}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
