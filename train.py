@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sparse_llm.config import ConfigError, TrainConfig, register_configs, validate
 from sparse_llm.data import DataError
+from sparse_llm.train.trainer import TrainingDiverged
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -50,10 +51,16 @@ def main(argv: list[str]) -> int:
             trainer.logger.close()
             shutdown()
     except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message or type(error).__name__}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 3
     return 0
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 if __name__ == "__main__":

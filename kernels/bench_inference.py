@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
@@ -30,18 +31,24 @@ LEVELS = [
     ("95%", 0.05, 0.0),
     ("heavy", 29 / 5632, 0.2),
 ]
-SWEEP = [
-    twell.FusedConfig(slice_width=1024, group=2, regs=168),
-    twell.FusedConfig(slice_width=1024, group=4, regs=168),
-    twell.FusedConfig(slice_width=1024, group=2, regs=128),
-    twell.FusedConfig(slice_width=1024, group=1, regs=128),
-    twell.FusedConfig(slice_width=2048, group=1, regs=255),
-    twell.FusedConfig(slice_width=2048, group=2, regs=255),
-    twell.FusedConfig(slice_width=512, group=4, regs=96),
-    twell.FusedConfig(slice_width=512, group=2, regs=80),
-    twell.FusedConfig(slice_width=1024, group=2, regs=168, hints=0),
-    twell.FusedConfig(slice_width=1024, group=2, regs=168, scan=1),
+_D = twell.FusedConfig()
+SWEEP = [  # the first is the default; each later one changes one or two knobs
+    _D,
+    replace(_D, prefetch=0),
+    replace(_D, group=2, regs=168),
+    replace(_D, slice_width=2048, regs=255),
+    replace(_D, pack_unroll=8),
+    replace(_D, pack_unroll=16),
+    replace(_D, chunks=4),
+    replace(_D, chunks=4, grid_fill=0.75),
+    replace(_D, chunks=8, grid_fill=0.75),
+    replace(_D, scan=1),
 ]
+
+
+def _short(cfg) -> str:
+    diff = {k: v for k, v in vars(cfg).items() if getattr(_D, k) != v}
+    return "default" if not diff else " ".join(f"{k}={v}" for k, v in diff.items())
 
 
 def _bench(fn, rep_ms: int = 200) -> float:
@@ -105,7 +112,8 @@ def run_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots):
     gate = torch.matmul(syn.x, syn.w_gate.t())
     counts, packed, _ = twell.twell_pack(gate, tile, slots)
     print(f"\n# sweep of fused-kernel configs: {d_model}x{d_ff}, {tokens} tokens, 99.5% level", flush=True)
-    print(f"{'config':<72} {'fused ms':>9} {'total ms':>9} {'rel err':>9}")
+    print(f"# default = {_D}")
+    print(f"{'config':<40} {'fused ms':>9} {'total ms':>9} {'rel err':>9}")
     best = None
     results = []
     for cfg in SWEEP:
@@ -116,9 +124,9 @@ def run_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots):
             t_fused = _bench(lambda: twell.twell_ffn_packed(syn.x, gate, counts, packed, syn.w_up, w_dt, tile), 100)
             t_total = _bench(lambda: twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, None, w_down_t=w_dt), 100)
         except Exception as exc:  # a config that fails to compile or run is reported, not fatal
-            print(f"{str(cfg):<72} FAILED: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            print(f"{_short(cfg):<40} FAILED: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
-        print(f"{str(cfg):<72} {t_fused:9.3f} {t_total:9.3f} {err:9.2e}", flush=True)
+        print(f"{_short(cfg):<40} {t_fused:9.3f} {t_total:9.3f} {err:9.2e}", flush=True)
         results.append(dict(config=str(cfg), fused_ms=t_fused, total_ms=t_total, rel_err=err))
         if err < 1e-2 and (best is None or t_total < best[0]):
             best = (t_total, cfg)
@@ -126,6 +134,26 @@ def run_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots):
     del syn, ref, gate, counts, packed
     torch.cuda.empty_cache()
     return (best[1] if best else None), results
+
+
+def run_pass_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots, base):
+    """Neuron passes of the fused stage for a shape whose weights exceed L2: time 1..4 passes."""
+    syn = make_synthetic_ffn(tokens, d_model, d_ff, 29 / 5632 * d_ff, 0.0, dtype, "cuda", seed)
+    w_dt = syn.w_down.t().contiguous()
+    gate = torch.matmul(syn.x, syn.w_gate.t())
+    counts, packed, _ = twell.twell_pack(gate, tile, slots)
+    auto = twell.num_passes(d_model, d_ff, True, syn.x.device, replace(base, passes=0))
+    times = {}
+    for passes in sorted({1, 2, 3, 4, auto}):
+        cfg = replace(base, passes=passes)
+        times[passes] = _bench(lambda: twell.twell_ffn_packed(syn.x, gate, counts, packed, syn.w_up, w_dt, tile,
+                                                              config=cfg), 100)
+    best = min(times, key=times.get)
+    print(f"# passes sweep {d_model}x{d_ff} (weights {2 * d_model * d_ff * 2 / 2**20:.0f} MiB), fused ms: "
+          + ", ".join(f"{k}: {v:.2f}" for k, v in times.items()) + f"; auto {auto}; using {best}", flush=True)
+    del syn, gate, counts, packed, w_dt
+    torch.cuda.empty_cache()
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +195,13 @@ def main(argv: list[str] | None = None) -> None:
               f"{'ours':>7} {'xeager':>6} {'xcomp':>6} {'err ours':>8} {'err bf16':>8} {'peak GB e/c/o':>15} "
               f"{'ovf%':>6} {'B/pair':>6} {'gate/pack/fused ms':>18} {'TB/s':>5}")
     lines = []
+    base_config = twell.current_config()
     for d_model, d_ff in shapes:
+        twell.set_default_config(base_config)
+        if args.sweep and 2 * d_model * d_ff * 2 > props.L2_cache_size:
+            best = run_pass_sweep(args.tokens, dtype, d_model, d_ff, args.seed, args.tile, args.slots, base_config)
+            report["sweep"].append(dict(shape=f"{d_model}x{d_ff}", passes=best))
+            twell.set_default_config(replace(base_config, passes=best))
         fit_points = []
         dense_times = []
         comp_times = []

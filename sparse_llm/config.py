@@ -73,6 +73,11 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # a non-finite loss or gradient norm: `stop` (found at the next log step, no per-step sync; the run
+    # stops and resumes from its last complete checkpoint) or `skip` (checked every step at the cost of
+    # one host sync; the step is skipped and counted in optim/skipped_steps)
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10  # skip: consecutive skipped steps before the run stops anyway
 
 
 @dataclass
@@ -102,6 +107,7 @@ class CheckpointConfig:
     interval: int = 1000
     keep_latest: int = 2
     resume: bool = True
+    signal_check_interval: int = 10  # steps between the ranks' checks for SIGTERM/SIGUSR1/max_minutes
 
 
 @dataclass
@@ -156,6 +162,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_steps: int = 1000
+    max_minutes: float = 0.0  # > 0: save and exit cleanly after this much wall time
     tokens_per_step: int = 16384
     micro_batch_size: int = 16
     eval_interval: int = 100
@@ -225,6 +232,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _validate_telemetry(cfg)
     _positive("checkpoint.interval", cfg.checkpoint.interval)
     _positive("checkpoint.keep_latest", cfg.checkpoint.keep_latest)
+    _positive("checkpoint.signal_check_interval", cfg.checkpoint.signal_check_interval)
+    _choice("optim.nonfinite", cfg.optim.nonfinite, ("stop", "skip"))
+    _positive("optim.max_skipped_steps", cfg.optim.max_skipped_steps)
+    _require(cfg.max_minutes >= 0, "max_minutes must be >= 0 (0 = no limit)")
     _positive("max_steps", cfg.max_steps)
     _positive("micro_batch_size", cfg.micro_batch_size)
     _positive("eval_interval", cfg.eval_interval)

@@ -43,7 +43,7 @@ constexpr int DW_BT = 4;            // hy_dw: tokens per batch
 constexpr int DW_NS = 3;            // hy_dw: cp.async stages
 constexpr int DW_MINB = DW_THR <= 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas
 constexpr int DW_WPT = 4;           // hy_dw: column-bitmask words per thread per scan round
-constexpr int DW_CAP = 1024;        // hy_dw: tokens listed in shared memory at a time
+constexpr int DW_CAP = 512;         // hy_dw: tokens listed in shared memory at a time
 
 static_assert(D % 256 == 0 && D >= 256 && D <= 8192, "HY_D must be a multiple of 256 in [256, 8192]");
 
@@ -151,7 +151,8 @@ __device__ __forceinline__ int hy_rank(const hy_u32* __restrict__ mrow, const in
 // hy_pack: warp per row of G. 256 columns (one stats tile) per step, 8 per lane.
 
 extern "C" __global__ void __launch_bounds__(256)
-hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict__ tprefix, int N, int FF) {
+hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict__ tprefix,
+        float2* __restrict__ ell, int N, int FF, int W) {
   const int lane = threadIdx.x & 31;
   const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (t >= N) return;
@@ -161,12 +162,30 @@ hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict
   for (int T = 0; T < nt; ++T) {
     const int c0 = T * 256 + lane * 8;
     hy_u32 m8 = 0;
+    float f[8];
     if (c0 < FF) {
       const uint4 q = __ldg(reinterpret_cast<const uint4*>(g + c0));
-      float f[8];
       hy_unpack8(q, f);
 #pragma unroll
       for (int k = 0; k < 8; ++k) m8 |= (hy_u32)(f[k] > 0.f) << k;
+    }
+    // ranks of this lane's active columns: base + active columns of lower lanes + lower bits
+    const int cnt8 = __popc(m8);
+    int incl = cnt8;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(HY_FULL, incl, o);
+      if (lane >= o) incl += n;
+    }
+    int r = base + incl - cnt8;
+    if (r < W) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if ((m8 >> k) & 1u) {
+          if (r < W) ell[(size_t)t * W + r] = hy_f2(f[k], 0.f);
+          ++r;
+        }
+      }
     }
     hy_u32 w = m8 << (8 * (lane & 3));
     w |= __shfl_xor_sync(HY_FULL, w, 1);
@@ -174,7 +193,36 @@ hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict
     const int word = T * 8 + (lane >> 2);
     if ((lane & 3) == 0 && word < nw) mrow[(size_t)t * nw + word] = w;
     if (lane == 0) tprefix[(size_t)t * nt + T] = base;
-    base += __reduce_add_sync(HY_FULL, (unsigned)__popc(m8));
+    base += __shfl_sync(HY_FULL, incl, 31);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_transpose16: out [C, R] = in [R, C]^T for 16-bit elements (R, C even). 64x64 tiles through
+// shared memory, 32-bit accesses; block (32, 8).
+
+extern "C" __global__ void __launch_bounds__(256)
+hy_transpose16(const hy_u16* __restrict__ in, hy_u16* __restrict__ out, int R, int C) {
+  __shared__ hy_u16 tile[64][66];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int r0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = r0 + ty + 8 * i, c = c0 + 2 * tx;
+    if (r < R && c < C) {
+      const hy_u32 v = __ldg(reinterpret_cast<const hy_u32*>(in + (size_t)r * C + c));
+      tile[ty + 8 * i][2 * tx] = (hy_u16)(v & 0xFFFFu);
+      tile[ty + 8 * i][2 * tx + 1] = (hy_u16)(v >> 16);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int c = c0 + ty + 8 * i, r = r0 + 2 * tx;
+    if (c < C && r < R) {
+      const hy_u32 v = (hy_u32)tile[2 * tx][ty + 8 * i] | ((hy_u32)tile[2 * tx + 1][ty + 8 * i] << 16);
+      *reinterpret_cast<hy_u32*>(out + (size_t)c * R + r) = v;
+    }
   }
 }
 
@@ -206,7 +254,7 @@ hy_transpose(const hy_u32* __restrict__ mrow, hy_u32* __restrict__ mcol, int N, 
 extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
 hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_u16* __restrict__ WU,
            const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow, hy_u16* __restrict__ Y,
-           float2* __restrict__ ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,
+           float2* ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,
            int* __restrict__ neuron_counts, int N, int FF, int W) {
   extern __shared__ int s_tc[];  // [FWD_WARPS][nt]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -233,6 +281,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
 
   float l1 = 0.f;
   int rank = 0;
+  float a_pref = 0.f;  // lane l: a of the pair of rank 32*(rank/32) + l, from the ELL
   const hy_u32* mr = mrow + (size_t)t * nw;
   const hy_u16* grow = G + (size_t)t * FF;
   for (int wb = 0; wb < nw; wb += 32) {
@@ -245,7 +294,12 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
       const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
       if (lane == src) word &= word - 1u;
 
-      const float a = hy_e2f(grow[j]);
+      if ((rank & 31) == 0 && rank < W) {
+        const int r = rank + lane;
+        a_pref = (r < W) ? __ldg(&ell[(size_t)t * W + r].x) : 0.f;
+      }
+      const float a_ell = __shfl_sync(HY_FULL, a_pref, rank & 31);
+      const float a = (rank < W) ? a_ell : hy_e2f(grow[j]);
       const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
       uint4 wd[NC];
 #pragma unroll
@@ -414,6 +468,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ int s_rank[DW_CAP];
+  __shared__ float2 s_au[DW_CAP];
   __shared__ float s_part[DW_WARPS][3 * DW_BT];
   __shared__ float s_coef[DW_BT][3];
   __shared__ int s_wsum[DW_WARPS];
@@ -486,7 +541,12 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
         }
       }
       __syncthreads();
-      for (int k = tid; k < m; k += DW_THR) s_rank[k] = hy_rank(mrow, tprefix, s_tok[k], j, nw, nt);
+      for (int k = tid; k < m; k += DW_THR) {
+        const int t = s_tok[k];
+        const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
+        s_rank[k] = r;
+        s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
+      }
       __syncthreads();
     // ---- batches of DW_BT tokens through the cp.async pipeline
     const int nb = (m + DW_BT - 1) / DW_BT;
@@ -574,7 +634,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
         const int rank = s_rank[k0 + k];
         float a, u;
         if (rank < W) {
-          const float2 e = __ldg(ell + (size_t)t * W + rank);
+          const float2 e = s_au[k0 + k];
           a = e.x;
           u = e.y;
         } else {

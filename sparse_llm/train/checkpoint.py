@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,6 @@ def load_latest(run_dir: Path, model, optimizer, extra_template: dict[str, Any],
     for path in reversed(list_complete(run_dir, warn=True)):
         try:
             return path, _load(path, model, optimizer, extra_template, device)
-        except Exception as error:  # a truncated or corrupt checkpoint: fall back to an older one
+        except (Exception, CheckpointException) as error:  # corrupt or truncated: fall back to an older one
             log.warning("skipping unreadable checkpoint %s: %s", path, str(error).splitlines()[0][:300])
     return None

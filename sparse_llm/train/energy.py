@@ -103,12 +103,12 @@ class EnergyCallback(Callback):
     """Training and evaluation energy per log interval, summed over ranks.
 
     `reader_factory(device)` returns this rank's EnergyReader or raises EnergyUnavailable; tests
-    inject a fake counter through it. Reads happen at fit start, eval start/end and log steps only.
+    inject a fake counter through it (and a fake `clock`). Reads happen at fit start, eval start/end and log steps only.
     """
 
     def __init__(self, reader_factory: Callable[[torch.device], EnergyReader] = nvml_energy_reader,
-                 modulus: int = COUNTER_MODULUS):
-        self.reader_factory, self.modulus = reader_factory, modulus
+                 modulus: int = COUNTER_MODULUS, clock: Callable[[], float] = time.perf_counter):
+        self.reader_factory, self.modulus, self.clock = reader_factory, modulus, clock
         self.meter: Optional[EnergyMeter] = None
         self.unavailable_reason: Optional[str] = None
         self.reported_availability = False
@@ -123,7 +123,7 @@ class EnergyCallback(Callback):
         self.train_mj = self.eval_mj = 0
         self.train_s = self.eval_s = 0.0
         self.eval_tokens = 0
-        self._mark = time.perf_counter()
+        self._mark = self.clock()
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_fit_start(self, trainer) -> None:
@@ -139,7 +139,7 @@ class EnergyCallback(Callback):
         self._last_log_step = trainer.step
 
     def _lap(self) -> tuple[int, float]:
-        now = time.perf_counter()
+        now = self.clock()
         seconds, self._mark = now - self._mark, now
         return (self.meter.delta_mj() if self.meter is not None else 0), seconds
 

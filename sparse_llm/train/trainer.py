@@ -24,6 +24,7 @@ from sparse_llm.train import checkpoint
 from sparse_llm.train.loggers import MetricLogger
 from sparse_llm.train.loss import lm_loss
 from sparse_llm.train.schedule import lr_at
+from sparse_llm.train.signals import StopRequest
 
 log = logging.getLogger("sparse_llm")
 GIB = 2**30
@@ -73,6 +74,7 @@ class IntervalTotals:
     l1_term: torch.Tensor
     grad_norm: torch.Tensor
     steps: int = 0
+    skipped: int = 0
     tokens: int = 0
     data_time: float = 0.0
     start: float = 0.0
@@ -99,6 +101,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.sparsity.ffn)
         self.last_metrics: dict[str, float] = {}
         self._lr = self._l1_coef = 0.0
+        self.consecutive_skips = 0
+        self.stopped_by = ""  # why fit() returned before max_steps (a signal, max_minutes), if it did
 
     # ---- state -------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -140,6 +144,17 @@ class Trainer:
         self.model.train()
         for callback in self.callbacks:
             callback.on_fit_start(self)
+        stop = StopRequest(cfg.max_minutes, cfg.checkpoint.signal_check_interval)
+        try:
+            self._loop(stop)
+        finally:
+            stop.restore()
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        return self.last_metrics
+
+    def _loop(self, stop: StopRequest) -> None:
+        cfg = self.cfg
         totals = IntervalTotals.zeros(self.device)
         while self.step < cfg.max_steps:
             self._train_step(totals)
@@ -155,11 +170,15 @@ class Trainer:
             if metrics is not None:
                 self.logger.log(metrics, self.step)
                 self.last_metrics.update(metrics)
-            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.max_steps:
+            saved = self.step % cfg.checkpoint.interval == 0 or self.step == cfg.max_steps
+            if saved:
                 self.save_checkpoint()
-        for callback in self.callbacks:
-            callback.on_fit_end(self)
-        return self.last_metrics
+            if self.step < cfg.max_steps and stop.should_stop(self.step):
+                log.info("stopping at step %d (%s): saving a checkpoint and exiting", self.step, stop.reason)
+                if not saved:
+                    self.save_checkpoint()
+                self.stopped_by = stop.reason
+                return
 
     def _train_step(self, totals: IntervalTotals) -> None:
         cfg = self.cfg
@@ -167,6 +186,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         l1_coef = l1_coefficient(cfg.sparsity.l1, self.step, cfg.sparsity.l1_warmup_steps)
+        ce_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        l1_term = torch.zeros((), device=self.device, dtype=torch.float64)
         for _ in range(self.grad_accum):
             data_start = time.perf_counter()
             inputs, targets = self.train_loader.next_batch()
@@ -176,13 +197,19 @@ class Trainer:
             output = self.model(inputs)
             parts = lm_loss(output, targets, l1_coef, self.token_normalizer)
             parts.total.backward()
-            totals.ce_sum += parts.ce_sum
-            totals.l1_term += parts.l1_term
+            ce_sum += parts.ce_sum
+            l1_term += parts.l1_term
             self.stats.update(output.ffn_stats)
             for callback in self.callbacks:
                 callback.on_micro_batch_end(self, output)
             totals.tokens += targets.numel()
         grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+        if cfg.optim.nonfinite == "skip" and not torch.isfinite(grad_norm).item():
+            self._skip_step(totals)
+            return
+        self.consecutive_skips = 0
+        totals.ce_sum += ce_sum
+        totals.l1_term += l1_term
         totals.grad_norm += grad_norm.double()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +217,20 @@ class Trainer:
         self.tokens_seen += self.cfg.tokens_per_step
         self._lr, self._l1_coef = lr, l1_coef
 
+    def _skip_step(self, totals: IntervalTotals) -> None:
+        """Drop this step's gradients (its loss sums are not added); stop after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals.skipped += 1
+        self.consecutive_skips += 1
+        log.warning("step %d: non-finite gradient norm, step skipped", self.step + 1)
+        if self.consecutive_skips > self.cfg.optim.max_skipped_steps:
+            raise TrainingDiverged(f"{self.consecutive_skips} consecutive non-finite steps at step {self.step + 1}; "
+                                   f"lower optim.lr or raise schedule.warmup_steps, and resume from the last "
+                                   f"checkpoint in {self.run_dir}")
+
     def _interval_metrics(self, totals: IntervalTotals) -> dict[str, float]:
+        if totals.steps == 0:
+            return {"optim/skipped_steps": float(totals.skipped)}
         sums = all_reduce_sum(torch.stack([totals.ce_sum, totals.l1_term]))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -213,6 +253,8 @@ class Trainer:
             "perf/model_tflops_per_gpu": tokens_per_sec * self.flops_per_token / 1e12,
             "train/tokens_seen": float(self.tokens_seen),
         }
+        if self.cfg.optim.nonfinite == "skip":
+            metrics["optim/skipped_steps"] = float(totals.skipped)
         if self.device.type == "cuda":
             metrics["mem/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
             metrics["mem/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / GIB

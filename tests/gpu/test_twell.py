@@ -124,7 +124,9 @@ def test_scan_variant_and_configs():
     ref = ffn_reference_fp32(syn.x, syn.w_gate, syn.w_up, syn.w_down)
     try:
         for cfg in [twell.FusedConfig(scan=1), twell.FusedConfig(slice_width=2048, group=1, regs=255),
-                    twell.FusedConfig(slice_width=512, group=4, regs=96, hints=0)]:
+                    twell.FusedConfig(slice_width=512, group=4, regs=96, hints=0),
+                    twell.FusedConfig(group=2, regs=168, prefetch=0), twell.FusedConfig(passes=3, grid_fill=0.3),
+                    twell.FusedConfig(passes=2, scan=1, pack_unroll=8)]:
             twell.set_default_config(cfg)
             y = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
             assert _rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
@@ -132,9 +134,33 @@ def test_scan_variant_and_configs():
         twell.set_default_config(None)
 
 
-def test_cuda_graph_capture_and_replay():
+def test_chunked_overlap_and_passes():
     seed = _seed()
-    syn = make_synthetic_ffn(640, 1024, 2816, 20, 0.15, torch.bfloat16, DEV, seed)
+    syn = make_synthetic_ffn(12345, 1024, 2816, 25, 0.2, torch.bfloat16, DEV, seed)
+    ref = ffn_reference_fp32(syn.x, syn.w_gate, syn.w_up, syn.w_down)
+    try:
+        for cfg in [twell.FusedConfig(chunks=3), twell.FusedConfig(chunks=4, grid_fill=0.75, passes=2)]:
+            twell.set_default_config(cfg)
+            y, stats = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down, slots=8, return_stats=True)
+            assert _rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
+            gate = torch.matmul(syn.x, syn.w_gate.t())
+            assert stats.cpu().tolist() == tr.pack_twell(gate.cpu(), 256, 8).stats().tolist(), f"seed {seed}"
+    finally:
+        twell.set_default_config(None)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_cuda_graph_capture_and_replay(chunks):
+    seed = _seed()
+    twell.set_default_config(twell.FusedConfig(chunks=chunks))
+    try:
+        _graph_check(seed, 8192 + 640 if chunks > 1 else 640)
+    finally:
+        twell.set_default_config(None)
+
+
+def _graph_check(seed, n):
+    syn = make_synthetic_ffn(n, 1024, 2816, 20, 0.15, torch.bfloat16, DEV, seed)
     w_dt = syn.w_down.t().contiguous()
     static_x = syn.x.clone()
     run = lambda: twell.twell_ffn(static_x, syn.w_gate, syn.w_up, None, w_down_t=w_dt)  # noqa: E731

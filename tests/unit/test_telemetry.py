@@ -10,7 +10,6 @@ from sparse_llm.config import HardwareConfig
 from sparse_llm.kernels.reference import activation_stats
 from sparse_llm.model import FFNStats
 from sparse_llm.sparsity.reinit import DeadNeuronReinit
-from sparse_llm.train import energy as energy_module
 from sparse_llm.train.energy import (COUNTER_MODULUS, EnergyCallback, EnergyMeter, EnergyUnavailable, energy_metrics,
                                      nvml_energy_reader)
 from sparse_llm.train.loggers import WandbSink
@@ -67,10 +66,9 @@ def test_energy_metrics_hand_computed():
     assert set(energy_metrics(10, 0, 0, 1, prefix="energy/eval_")) == {"energy/eval_joules"}
 
 
-def test_energy_callback_train_and_eval_split(monkeypatch):
+def test_energy_callback_train_and_eval_split():
     clock, counter = FakeClock(), FakeCounter(COUNTER_MODULUS - 2000)  # wraps during the run
-    monkeypatch.setattr(energy_module.time, "perf_counter", clock)
-    callback = EnergyCallback(reader_factory=lambda device: counter)
+    callback = EnergyCallback(reader_factory=lambda device: counter, clock=clock)
     trainer = fake_trainer(tokens_per_step=1000)
     callback.on_fit_start(trainer)
     # steps 1 and 2: 5 J in 2 s, logged at step 2
