@@ -1,11 +1,27 @@
-# CUDA image with the project installed; kernels compile at first use through CuPy (NVRTC) and are
-# cached in $CUPY_CACHE_DIR. Build: docker build -t sparse_llm .   Run: docker run --gpus all sparse_llm
-FROM nvidia/cuda:12.6.3-devel-ubuntu24.04
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1 \
-    CUPY_CACHE_DIR=/opt/cupy_cache PYTHONUNBUFFERED=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip git \
+# Training image: CUDA toolkit, PyTorch, CuPy and sparse_llm.
+#   docker build -t sparse_llm .
+#   docker run --gpus all --ipc=host -v $PWD/runs:/opt/sparse_llm/runs sparse_llm model=small
+# Multi-GPU: docker run ... --entrypoint torchrun sparse_llm --standalone --nproc-per-node 8 train.py model=1b
+# The CUDA kernels are compiled by NVRTC on first use and cached in $CUPY_CACHE_DIR; mount it as a
+# volume to keep the cache across containers.
+FROM nvidia/cuda:12.8.1-devel-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PYTHONUNBUFFERED=1 \
+    CUPY_CACHE_DIR=/opt/cupy_cache
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-pip python3-dev git \
     && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/sparse_llm
+COPY pyproject.toml README.md ./
+COPY sparse_llm ./sparse_llm
+COPY kernels ./kernels
+RUN python3 -m pip install --no-cache-dir -e ".[gpu,test]"
 COPY . .
-RUN python3 -m pip install -e ".[gpu,test]"
+
 ENTRYPOINT ["python3", "train.py"]

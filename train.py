@@ -38,6 +38,8 @@ def main(argv: list[str]) -> int:
         from sparse_llm.parallel.distributed import init_distributed, shutdown
 
         world = init_distributed(cfg.device)
+        if not world.is_main:  # one console for the run; torchrun --log-dir keeps every rank's own output
+            logging.getLogger().setLevel(logging.WARNING)
         validate(cfg, world.size)
         if print_only:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

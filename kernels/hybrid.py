@@ -66,6 +66,27 @@ def _c(t: Tensor) -> Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def _transpose16(t: Tensor) -> Tensor:
+    """[R, C] -> contiguous [C, R] for 16-bit tensors with even R and C (one tiled kernel)."""
+    import numpy as np
+
+    from sparse_llm.kernels.loader import launch, ptr
+
+    t = _c(t)
+    r, c = t.shape
+    out = torch.empty(c, r, dtype=t.dtype, device=t.device)
+    if r and c:
+        launch(_kernel("hy_transpose16", t.device, 256, True, t.dtype), ((c + 63) // 64, (r + 63) // 64),
+               (32, 8), (ptr(t), ptr(out), np.int32(r), np.int32(c)))
+    return out
+
+
+def _heavy_first(tprefix: Tensor) -> Tensor:
+    """Token order for the warp-per-token kernels: rows with the most active units first (by the
+    count before the last tile), so that a long row starts early instead of finishing last."""
+    return torch.argsort(tprefix[:, -1], descending=True).to(torch.int32)
+
+
 def _fwd_cuda(x, w_gate, w_up, w_down, width):
     import numpy as np
 
@@ -78,7 +99,7 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
     x = _c(x)
     w_up = _c(w_up)
     g = _c(ref.gate_preact(x, _c(w_gate) if gated else w_up))  # the one dense GEMM (cuBLAS)
-    wdt = _c(w_down.t())
+    wdt = _transpose16(w_down)
     nw, nt = ref.words(d_ff), ref.tiles(d_ff)
     mrow = torch.empty(n, nw, dtype=torch.int32, device=dev)
     tprefix = torch.empty(n, nt, dtype=torch.int32, device=dev)
@@ -90,11 +111,12 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
     if n > 0:
         i32 = np.int32
         launch(_kernel("hy_pack", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
-               (ptr(g), ptr(mrow), ptr(tprefix), i32(n), i32(d_ff)))
+               (ptr(g), ptr(mrow), ptr(tprefix), ptr(ell), i32(n), i32(d_ff), i32(width)))
+        order = _heavy_first(tprefix)
         launch(_kernel("hy_forward", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
                (_FWD_WARPS * 32,),
                (ptr(x), ptr(g), ptr(w_up), ptr(wdt), ptr(mrow), ptr(y), ptr(ell), ptr(l1_tok),
-                ptr(tile_counts), ptr(neuron_counts), i32(n), i32(d_ff), i32(width)),
+                ptr(tile_counts), ptr(neuron_counts), ptr(order), i32(n), i32(d_ff), i32(width)),
                shared_mem=_FWD_WARPS * nt * 4)
     return y, l1_tok.sum(), tile_counts, neuron_counts, mrow, tprefix, ell
 
@@ -111,7 +133,7 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
     dev, dt = x.device, x.dtype
     x, dy, w_up = _c(x), _c(dy.to(dt)), _c(w_up)
     wg = _c(w_gate) if gated else w_up
-    wdt = _c(w_down.t())
+    wdt = _transpose16(w_down)
     dl1 = dl1.reshape(()).to(torch.float32).contiguous()
     nw, wc = ref.words(d_ff), (n + 31) // 32
     i32 = np.int32
@@ -134,8 +156,8 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
         launch(_kernel("hy_dx", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
                (_FWD_WARPS * 32,),
                (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(ell_d),
-                ptr(dl1), ptr(dx), i32(n), i32(d_ff), i32(width)))
-    dwd = dwdt.t().contiguous()
+                ptr(dl1), ptr(dx), ptr(_heavy_first(tprefix)), i32(n), i32(d_ff), i32(width)))
+    dwd = _transpose16(dwdt)
     if gated:
         return dx, dwg, dwu, dwd
     return dx, None, dwg, dwd

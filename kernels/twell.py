@@ -44,10 +44,10 @@ class FusedConfig:
     scan: int = 0  # 1: ignore the packed form, scan the dense gate rows (comparison variant)
     prefetch: int = 1  # issue the Wd^T row loads together with the Wu row loads
     pack_unroll: int = 4  # (row, tile) tasks per warp in the pack kernel, loads issued together
-    chunks: int = 1  # > 1: pack chunk i+1 on a side stream while the fused kernel runs chunk i
     grid_fill: float = 1.0  # fraction of the resident blocks the persistent fused grid uses
     passes: int = 0  # neuron passes of the fused stage (0: enough for each pass's rows to fit L2)
-    pass_l2_factor: float = 1.4  # auto passes: weight bytes per pass <= factor x L2 size
+    pass_l2_factor: float = 1.0  # auto passes: weight bytes per pass <= factor x L2 size
+    lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, argsort on device)
 
     def team(self, d_model: int) -> int:
         team = 1
@@ -174,10 +174,12 @@ def _resident_blocks(kernel, block: int, minb: int) -> int:
 
 def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAULT_SLOTS, *,
                counts: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None,
-               stats: Optional[torch.Tensor] = None, unroll: Optional[int] = None):
+               stats: Optional[torch.Tensor] = None, unroll: Optional[int] = None,
+               row_total: Optional[torch.Tensor] = None):
     """ReLU + TwELL pack of G [N, d_ff] on CUDA. Returns (counts int32 [N, nt], slots int32
     [N, nt, slots], stats int32 [2]) in the layout of twell_reference.pack_twell (slots past a tile's
-    count are left unwritten). Output buffers may be given (stats is accumulated into)."""
+    count are left unwritten). Output buffers may be given (stats is accumulated into); `row_total`
+    (int32 [N], zeroed by the caller) receives each row's total active count."""
     from sparse_llm.kernels.loader import get_kernel, launch, ptr
 
     gate = _aligned(gate)
@@ -196,7 +198,8 @@ def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAUL
     defines = pack_defines(tile, slots, gate.dtype, unroll or current_config().pack_unroll)
     kernel = get_kernel("twell_pack.cu", "twell_pack", gate.device, **defines)
     grid = (-(-(n * nt) // (8 * defines["TW_PACK_UNR"])),)
-    launch(kernel, grid, (256,), (ptr(gate), ptr(counts), ptr(packed), ptr(stats), np.int32(n), np.int32(d_ff)))
+    launch(kernel, grid, (256,), (ptr(gate), ptr(counts), ptr(packed), ptr(stats), ptr(row_total), np.int32(n),
+                                  np.int32(d_ff)))
     return counts, packed, stats
 
 
@@ -213,9 +216,11 @@ def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, confi
 
 def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                      w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
-                     out: Optional[torch.Tensor] = None, config: Optional[FusedConfig] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, config: Optional[FusedConfig] = None,
+                     order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused sparse stage: y [N, d_model] from x [N, d_model], the dense gate G [N, d_ff] (read
-    only for overflowing tiles) and its TwELL form. `w_up=None` is the non-gated FFN (h = ReLU(G))."""
+    only for overflowing tiles) and its TwELL form. `w_up=None` is the non-gated FFN (h = ReLU(G)).
+    `order` (int32 [N], a permutation of the tokens) is the order in which tokens are taken."""
     from sparse_llm.kernels.loader import get_kernel, launch, ptr
 
     cfg = config or current_config()
@@ -242,20 +247,10 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     for p in range(passes):
         flags = (1 if p > 0 else 0) | (2 if p < passes - 1 else 0)
         args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y), ptr(y_acc),
-                np.uint64(work.data_ptr() + 4 * p), np.int32(n), np.int32(d_ff), np.int32(p * per_pass),
+                np.uint64(work.data_ptr() + 4 * p), ptr(order), np.int32(n), np.int32(d_ff), np.int32(p * per_pass),
                 np.int32(min(nt, (p + 1) * per_pass)), np.int32(flags))
         launch(kernel, grid, (block,), args)
     return y
-
-
-_side_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _side_streams:
-        _side_streams[index] = torch.cuda.Stream(device=index)
-    return _side_streams[index]
 
 
 def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
@@ -274,37 +269,12 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
         stats = torch.zeros(2, dtype=torch.int32, device=x.device)
         y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
         return y.view(*x.shape[:-1], d_model), stats
-    n = x2.shape[0]
-    chunks = max(1, min(cfg.chunks, n // 4096))
-    if chunks == 1:
-        counts, packed, stats = twell_pack(gate, tile, slots)
-        y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
-        return y.view(*x.shape[:-1], d_model), stats
-    # Overlap: the side stream packs chunk i + 1 (DRAM-bound) while the fused kernel runs chunk i
-    # (L2-bound). Fork/join through events, so this is CUDA-graph capturable.
-    nt = num_tiles(gate.shape[1], tile)
-    counts = torch.empty(n, nt, dtype=torch.int32, device=x.device)
-    packed = torch.empty(n, nt, slots, dtype=torch.int32, device=x.device)
-    stats = torch.zeros(2, dtype=torch.int32, device=x.device)
-    y = torch.empty_like(x2)
-    bounds = [n * c // chunks for c in range(chunks + 1)]
-    main = torch.cuda.current_stream()
-    side = _side_stream(x.device)
-    side.wait_stream(main)
-    events = []
-    with torch.cuda.stream(side):
-        for c in range(chunks):
-            a, b = bounds[c], bounds[c + 1]
-            twell_pack(gate[a:b], tile, slots, counts=counts[a:b], packed=packed[a:b], stats=stats)
-            ev = torch.cuda.Event()
-            ev.record(side)
-            events.append(ev)
-    for c in range(chunks):
-        a, b = bounds[c], bounds[c + 1]
-        main.wait_event(events[c])
-        twell_ffn_packed(x2[a:b], gate[a:b], counts[a:b], packed[a:b], None if w_gate is None else w_up, w_down_t,
-                         tile, out=y[a:b], config=cfg)
-    main.wait_stream(side)
+    row_total = torch.zeros(x2.shape[0], dtype=torch.int32, device=x.device) if cfg.lpt else None
+    counts, packed, stats = twell_pack(gate, tile, slots, row_total=row_total)
+    # longest-first order: heavy tokens start first, so none of them finishes alone at the end
+    order = torch.argsort(row_total, descending=True).to(torch.int32) if cfg.lpt else None
+    y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg,
+                         order=order)
     return y.view(*x.shape[:-1], d_model), stats
 
 

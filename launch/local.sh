@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Train on this machine: `launch/local.sh [hydra overrides...]`.
-# One process today; the FSDP2 path (several GPUs through torchrun) is not in this version yet.
+# Train on this machine with every visible GPU (or one CPU process):
+#   launch/local.sh model=1b sparsity.l1=1e-4
+# NPROC overrides the process count (e.g. NPROC=2 for two CPU processes on gloo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python train.py "$@"
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+if [[ "$NPROC" == 1 ]]; then
+  exec python train.py "$@"
+fi
+exec torchrun --standalone --nproc-per-node "$NPROC" train.py "$@"

@@ -116,6 +116,32 @@ __device__ __forceinline__ void hy_axpy8(float acc[8], const float s, const uint
   for (int k = 0; k < 8; ++k) acc[k] = fmaf(s, fv[k], acc[k]);
 }
 
+// L2 eviction priorities: weight rows gathered by many tokens stay (evict_last); activations that
+// stream through once go first (evict_first).
+typedef unsigned long long hy_pol;
+__device__ __forceinline__ hy_pol hy_pol_last() {
+  hy_pol p;
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ hy_pol hy_pol_first() {
+  hy_pol p;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ uint4 hy_ld16(const uint4* p, hy_pol pol) {
+  uint4 v;
+  asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(pol));
+  return v;
+}
+__device__ __forceinline__ void hy_st16(uint4* p, const uint4 v, hy_pol pol) {
+  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w), "l"(pol)
+               : "memory");
+}
+
 __device__ __forceinline__ float hy_warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(HY_FULL, v, o);
@@ -143,7 +169,20 @@ __device__ __forceinline__ int hy_rank(const hy_u32* __restrict__ mrow, const in
   const hy_u32* r = mrow + (size_t)t * nw;
   int rank = __ldg(tprefix + (size_t)t * nt + (j >> 8));
   const int w = j >> 5;
-  for (int q = (j >> 8) << 3; q < w; ++q) rank += __popc(__ldg(r + q));
+  const int q0 = (j >> 8) << 3;
+  if ((nw & 7) == 0) {  // the tile's 8 words in two 16-byte loads
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(r + q0));
+    const uint4 hi = __ldg(reinterpret_cast<const uint4*>(r + q0) + 1);
+    const hy_u32 v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    const int wi = w - q0;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const hy_u32 m = (q < wi) ? 0xFFFFFFFFu : (q == wi ? ((1u << (j & 31)) - 1u) : 0u);
+      rank += __popc(v[q] & m);
+    }
+    return rank;
+  }
+  for (int q = q0; q < w; ++q) rank += __popc(__ldg(r + q));
   return rank + __popc(__ldg(r + w) & ((1u << (j & 31)) - 1u));
 }
 
@@ -158,13 +197,14 @@ hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict
   if (t >= N) return;
   const int nw = FF >> 5, nt = (FF + 255) >> 8;
   const hy_u16* g = G + (size_t)t * FF;
+  const hy_pol pol_first = hy_pol_first();
   int base = 0;
   for (int T = 0; T < nt; ++T) {
     const int c0 = T * 256 + lane * 8;
     hy_u32 m8 = 0;
     float f[8];
     if (c0 < FF) {
-      const uint4 q = __ldg(reinterpret_cast<const uint4*>(g + c0));
+      const uint4 q = hy_ld16(reinterpret_cast<const uint4*>(g + c0), pol_first);
       hy_unpack8(q, f);
 #pragma unroll
       for (int k = 0; k < 8; ++k) m8 |= (hy_u32)(f[k] > 0.f) << k;
@@ -255,22 +295,24 @@ extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
 hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_u16* __restrict__ WU,
            const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow, hy_u16* __restrict__ Y,
            float2* ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,
-           int* __restrict__ neuron_counts, int N, int FF, int W) {
+           int* __restrict__ neuron_counts, const int* __restrict__ order, int N, int FF, int W) {
   extern __shared__ int s_tc[];  // [FWD_WARPS][nt]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nw = FF >> 5, nt = (FF + 255) >> 8;
   int* tc = s_tc + warp * nt;
   for (int i = lane; i < nt; i += 32) tc[i] = 0;
   __syncwarp();
-  const int t = blockIdx.x * FWD_WARPS + warp;
-  if (t >= N) return;
+  const int slot = blockIdx.x * FWD_WARPS + warp;
+  if (slot >= N) return;
+  const int t = order ? __ldg(order + slot) : slot;
+  const hy_pol pol_w = hy_pol_last(), pol_s = hy_pol_first();
 
 #if HY_GATED
   uint4 xr[NC];
   {
     const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
 #pragma unroll
-    for (int c = 0; c < NC; ++c) xr[c] = __ldg(xrow + c * 32 + lane);
+    for (int c = 0; c < NC; ++c) xr[c] = hy_ld16(xrow + c * 32 + lane, pol_s);
   }
 #endif
   float acc[NC][8];
@@ -303,12 +345,12 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
       const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
       uint4 wd[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wd[c] = __ldg(wdr + c * 32 + lane);
+      for (int c = 0; c < NC; ++c) wd[c] = hy_ld16(wdr + c * 32 + lane, pol_w);
 #if HY_GATED
       const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
       uint4 wu[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wu[c] = __ldg(wur + c * 32 + lane);
+      for (int c = 0; c < NC; ++c) wu[c] = hy_ld16(wur + c * 32 + lane, pol_w);
       float p = 0.f;
 #pragma unroll
       for (int c = 0; c < NC; ++c) p += hy_dot8(xr[c], wu[c]);
@@ -333,7 +375,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
   }
   uint4* yrow = reinterpret_cast<uint4*>(Y + (size_t)t * D);
 #pragma unroll
-  for (int c = 0; c < NC; ++c) yrow[c * 32 + lane] = hy_pack8(acc[c]);
+  for (int c = 0; c < NC; ++c) hy_st16(yrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
   __syncwarp();
   if (lane == 0) l1_tok[t] = l1;
   for (int i = lane; i < nt; i += 32) tile_counts[(size_t)t * nt + i] = tc[i];
@@ -347,11 +389,13 @@ extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
 hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
       const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
       const float2* __restrict__ ell_d, const float* __restrict__ dl1p, hy_u16* __restrict__ DX,
-      int N, int FF, int W) {
+      const int* __restrict__ order, int N, int FF, int W) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nw = FF >> 5;
-  const int t = blockIdx.x * FWD_WARPS + warp;
-  if (t >= N) return;
+  const int slot = blockIdx.x * FWD_WARPS + warp;
+  if (slot >= N) return;
+  const int t = order ? __ldg(order + slot) : slot;
+  const hy_pol pol_w = hy_pol_last(), pol_s = hy_pol_first();
   const float dl1 = __ldg(dl1p);
   const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
   const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
@@ -417,8 +461,8 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       uint4 wg[NC], wu[NC];
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
-        wg[c] = __ldg(wgr + c * 32 + lane);
-        wu[c] = __ldg(wur + c * 32 + lane);
+        wg[c] = hy_ld16(wgr + c * 32 + lane, pol_w);
+        wu[c] = hy_ld16(wur + c * 32 + lane, pol_w);
       }
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
@@ -428,7 +472,7 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 #else
       uint4 wg[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wg[c] = __ldg(wgr + c * 32 + lane);
+      for (int c = 0; c < NC; ++c) wg[c] = hy_ld16(wgr + c * 32 + lane, pol_w);
 #pragma unroll
       for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
 #endif
@@ -437,7 +481,7 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
   }
   uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)t * D);
 #pragma unroll
-  for (int c = 0; c < NC; ++c) dxrow[c * 32 + lane] = hy_pack8(acc[c]);
+  for (int c = 0; c < NC; ++c) hy_st16(dxrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -478,12 +522,13 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
   const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
   const float dl1 = __ldg(dl1p);
 
+  const hy_pol pol_s = hy_pol_first();
   float wd[8], wg[8];
-  hy_unpack8(__ldg(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid), wd);
-  hy_unpack8(__ldg(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid), wg);
+  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, pol_s), wd);
+  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, pol_s), wg);
 #if HY_GATED
   float wu[8];
-  hy_unpack8(__ldg(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid), wu);
+  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, pol_s), wu);
   float au[8];
 #endif
   float ag[8], ad[8];
@@ -674,9 +719,9 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
     }
   }
   hy_cp_wait<0>();
-  reinterpret_cast<uint4*>(DWG + (size_t)j * D)[tid] = hy_pack8(ag);
+  hy_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), pol_s);
 #if HY_GATED
-  reinterpret_cast<uint4*>(DWU + (size_t)j * D)[tid] = hy_pack8(au);
+  hy_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), pol_s);
 #endif
-  reinterpret_cast<uint4*>(DWDT + (size_t)j * D)[tid] = hy_pack8(ad);
+  hy_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), pol_s);
 }

@@ -17,7 +17,8 @@
 // WdT rows. Loads are 16 bytes per lane, coalesced across the warp.
 //
 // Persistent grid: each team takes its next token from a global counter (atomicAdd), so a heavy
-// token (hundreds of active units) never holds up other tokens' slots. Neuron passes: only tiles
+// token (hundreds of active units) never holds up other tokens' slots; with `order` (tokens sorted
+// by active count, heaviest first) the heavy tokens start first and the tail stays short. Neuron passes: only tiles
 // [tile_begin, tile_end) are walked; flags bit 0 starts from the float32 partial sums in y_acc
 // instead of zero, bit 1 writes the sums to y_acc instead of the rounded y (so a large FFN can run
 // in passes whose weight rows fit in L2).
@@ -205,6 +206,7 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
                 tw_u16* __restrict__ y,             // [n_tokens, d_model]
                 float* __restrict__ y_acc,          // [n_tokens, d_model] float32 partial sums (passes)
                 int* __restrict__ work,             // token counter, zero at launch
+                const int* __restrict__ order,      // optional [n_tokens] permutation: token order
                 int n_tokens, int d_ff, int tile_begin, int tile_end, int flags) {
   using namespace twf;
   __shared__ tw_u32 s_list[WARPS][LCAP];
@@ -227,6 +229,7 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
 
   while (true) {
     long long t;
+    if (leader && order != nullptr && next < n_tokens) next = order[next];
     if constexpr (TEAM > 1) {
       if (leader) s_tok[team][parity] = next;
       tw_named_barrier(bar_id, TEAM * 32);

@@ -6,6 +6,7 @@
 //                         min(count, S) active columns (S = TW_SLOTS).
 // A tile with count > S overflows: its slots are incomplete, the consumer reads the dense row of G
 // instead (exact), and stats[0] += 1, stats[1] += count. Nothing is dropped or wrapped.
+// row_total (optional, zeroed by the caller) receives each row's total active count.
 //
 // One warp per (row, tile) task, TW_PACK_UNR tasks per warp with all loads issued first. Each lane
 // reads 8 consecutive elements (16 bytes) of every 256-column chunk.
@@ -27,7 +28,7 @@ static_assert(TW_SLOTS >= 1 && TW_SLOTS <= TW_TILE, "TW_SLOTS must be in [1, TW_
 
 extern "C" __global__ void __launch_bounds__(TW_PACK_BLOCK)
 twell_pack(const tw_u16* __restrict__ gate, int* __restrict__ counts, tw_u32* __restrict__ slots,
-           int* __restrict__ stats, int n_rows, int d_ff) {
+           int* __restrict__ stats, int* __restrict__ row_total, int n_rows, int d_ff) {
   constexpr int R = TW_TILE / 256;  // 256-column chunks per tile
   constexpr int U = TW_PACK_UNR;
   const int lane = threadIdx.x & 31;
@@ -79,6 +80,7 @@ twell_pack(const tw_u16* __restrict__ gate, int* __restrict__ counts, tw_u32* __
     }
     if (lane == 0) {
       counts[task] = n;
+      if (row_total != nullptr && n > 0) atomicAdd(row_total + task / nt, n);
       if (n > TW_SLOTS) {
         atomicAdd(stats, 1);
         atomicAdd(stats + 1, n);

@@ -138,7 +138,10 @@ class DeadNeuronReinit(Callback):
     def state_dict(self) -> dict[str, Any]:
         # the window's counts summed over ranks (identical on all ranks, as the checkpoint requires);
         # a unit is dead iff its count is 0, which the sum keeps, so the resumed window decides the same
-        return {"fires": _all_reduce(self.fires).cpu(), "tokens_in_window": self.tokens_in_window,
+        # before fit (the template a resume loads into) the counts are zeros on the CPU: no collective, which
+        # NCCL could not run on a CPU tensor anyway
+        fires = _all_reduce(self.fires).cpu() if self.targets else self.fires.cpu().clone()
+        return {"fires": fires, "tokens_in_window": self.tokens_in_window,
                 "window_has_stats": self.window_has_stats, "total_units": self.total_units}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -1,14 +1,18 @@
-"""Preemption: SIGTERM / SIGUSR1 (SLURM sends USR1 ahead of the time limit with --signal=USR1@120)
-and a wall-clock budget ask the trainer to finish the current step, save a checkpoint and exit 0.
+"""Preemption: SIGTERM / SIGUSR1, a stop file, and a wall-clock budget ask the trainer to finish the
+current step, save a checkpoint and exit 0.
 
-The handler only sets a flag. Ranks agree on stopping through one small all-reduce every
+The stop file (path in $SPARSE_LLM_STOP_FILE) is how launch/slurm.sbatch passes SLURM's early
+warning (--signal=B:USR1@120, caught by the batch script) to every rank on every node, whatever
+launcher sits in between. The signal handler only sets a flag. Ranks agree on stopping through one small all-reduce every
 `check_interval` steps, so every rank saves the same step (a collective) and no rank waits forever.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +26,8 @@ class StopRequest:
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes > 0 else None
         self.check_interval = check_interval
         self.reason = ""
+        stop_file = os.environ.get("SPARSE_LLM_STOP_FILE")
+        self.stop_file = Path(stop_file) if stop_file else None
         self._previous = {}
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handle)
@@ -39,6 +45,8 @@ class StopRequest:
             return False
         if self.deadline is not None and time.monotonic() > self.deadline and not self.reason:
             self.reason = "max_minutes"
+        if self.stop_file is not None and not self.reason and self.stop_file.exists():
+            self.reason = f"stop file {self.stop_file}"
         local = torch.tensor([1 if self.reason else 0], dtype=torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
             backend = dist.get_backend()
