@@ -8,25 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparse_llm.config import ConfigError, TrainConfig, register_configs, validate
+from sparse_llm.config import ConfigError, compose_config, validate
 from sparse_llm.data import DataError
 from sparse_llm.train.trainer import TrainingDiverged
-
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-
-
-def compose_config(overrides: list[str]) -> TrainConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        composed = compose(config_name="train", overrides=overrides)
-    return OmegaConf.to_object(composed)
 
 
 def main(argv: list[str]) -> int:

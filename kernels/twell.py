@@ -76,13 +76,18 @@ def current_config() -> FusedConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch threshold: measured, not guessed.
-# TWELL_CROSSOVER_ACTIVE_FRACTION[(d_model, d_ff)] is the mean active fraction (active units per
+# MEASURED_CROSSOVER[(d_model, d_ff)] is the mean active fraction (active units per
 # token / d_ff) at which TwELL's time equals dense eager PyTorch's, from a linear fit of TwELL time vs.
 # mean active count over the 99.5 / 98.9 / 98 / 95 % levels of `python -m sparse_llm.kernels.bench
 # inference` (131072 tokens, bf16). Source of each number: NOTES_twell.md (device, date).
-MEASURED_CROSSOVER: dict[tuple[int, int], float] = {}
-# Used for shapes not measured: DESIGN.md section 6's estimate (60 active / 5632 caps the gather at
-# ~1.1x), i.e. about 1.0%; replaced by the measured minimum over shapes once measured.
+MEASURED_CROSSOVER: dict[tuple[int, int], float] = {
+    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24: kernels/results/bench_v3_h100.log
+    (2048, 5632): 0.01276,  # 71.9 active / token
+    (2048, 8192): 0.01221,  # 100.0
+    (4096, 11008): 0.00976,  # 107.4 (4 neuron passes: the weights are 3.4x L2)
+    (1024, 2816): 0.01503,  # 42.3
+}
+# Used only if the table above is empty: DESIGN.md section 6's estimate (~60 active / 5632).
 FALLBACK_CROSSOVER = 0.0100
 
 
@@ -97,9 +102,19 @@ def crossover_active_fraction(d_model: int, d_ff: int) -> float:
     return FALLBACK_CROSSOVER
 
 
-def twell_is_faster(active_fraction: float, d_model: int, d_ff: int) -> bool:
-    """True when TwELL inference is expected to beat dense eager PyTorch at this mean active fraction.
-    Take a safety margin in the caller if the fraction is noisy (dispatch to dense near the line)."""
+# Below this much work (tokens x d_model x d_ff) the pipeline's ~8 launches (~0.1-0.15 ms of host
+# time outside a CUDA graph) dominate: 1024x2816 at 16384 tokens (4.7e10) ran 0.48 ms vs 0.55 dense
+# at 99.5% and lost from 98.9% on, while 2048x5632 at 16384 tokens (1.9e11) kept 1.52x
+# (kernels/results/bench_v3_h100_16k.log).
+MIN_WORK_FOR_TWELL = 1.0e11
+
+
+def twell_is_faster(active_fraction: float, d_model: int, d_ff: int, tokens: Optional[int] = None) -> bool:
+    """True when TwELL inference is expected to beat dense eager PyTorch at this mean active fraction
+    (and, if `tokens` is given, this problem size). Take a safety margin in the caller if the fraction
+    is noisy (dispatch to dense near the line)."""
+    if tokens is not None and tokens * d_model * d_ff < MIN_WORK_FOR_TWELL:
+        return False
     return active_fraction < crossover_active_fraction(d_model, d_ff)
 
 
@@ -328,5 +343,5 @@ def bytes_per_active_pair(d_model: int, gated: bool = True, itemsize: int = 2) -
 __all__ = [
     "FusedConfig", "DEFAULT_CONFIG", "set_default_config", "current_config", "twell_ffn", "twell_ffn_op",
     "twell_pack", "twell_ffn_packed", "fused_defines", "pack_defines", "twell_is_faster", "crossover_active_fraction", "MEASURED_CROSSOVER",
-    "bytes_per_active_pair",
+    "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes",
 ]

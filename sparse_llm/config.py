@@ -7,7 +7,8 @@ checks what types cannot: divisibility, ranges and choices, with errors that nam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
@@ -60,6 +61,7 @@ class DataConfig:
     name: str = "default"
     # default: the corpus the project prepares itself, cached under `root`.
     # shards: a directory prepared by `python data/prepare.py` (holding manifest.json).
+    # synthetic: random tokens, for throughput benchmarks.
     root: str = "data/cache/default"
     path: Optional[str] = None
     vocab_size: int = 4096
@@ -169,6 +171,19 @@ class TrainConfig:
     eval_batches: int = 8
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> "TrainConfig":
+    """conf/train.yaml with Hydra overrides (`group=option`, `key=value`), as a typed TrainConfig."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="train", overrides=list(overrides)))
+
+
 def register_configs() -> None:
     """Register the schema that conf/train.yaml lists first, so every YAML file and override is
     type-checked against the dataclasses (an unknown key is an error)."""
@@ -210,7 +225,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _choice("kernel.name", cfg.kernel.name, KERNELS)
     _require(cfg.kernel.name == "torch" or cfg.sparsity.ffn != "swiglu",
              f"kernel={cfg.kernel.name} needs a ReLU FFN; use kernel=torch with sparsity=dense")
-    _choice("data.name", cfg.data.name, ("default", "shards"))
+    _choice("data.name", cfg.data.name, ("default", "shards", "synthetic"))
     _require(cfg.data.name != "shards" or bool(cfg.data.path),
              "data=shards needs data.path=<directory with manifest.json> (made by `python data/prepare.py`)")
     _positive("optim.lr", cfg.optim.lr)

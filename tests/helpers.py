@@ -4,22 +4,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from sparse_llm.config import TrainConfig, register_configs
+from sparse_llm.config import CONF_DIR, compose_config  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jackals "
          "sparse models learn to keep few units active per token and the kernels skip the rest").split()
-
-
-def compose_config(overrides: list[str] = ()) -> TrainConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="train", overrides=list(overrides)))
 
 
 def write_text_corpus(directory: Path, documents: int = 200, seed: int = 0) -> list[Path]:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from sparse_llm.config import ConfigError, TrainConfig, grad_accumulation_steps
 from sparse_llm.data import TokenLoader, ensure_default_corpus, load_manifest
+from sparse_llm.data.synthetic import SyntheticLoader
 from sparse_llm.model import Transformer, count_params
 from sparse_llm.parallel.distributed import World
 from sparse_llm.parallel.fsdp import apply_parallelism, build_mesh
@@ -108,6 +109,22 @@ def resolve_manifest(cfg: TrainConfig, world: World) -> Path:
     return root / "manifest.json"
 
 
+def build_loaders(cfg: TrainConfig, world: World):
+    """(train, val) loaders of the configured data; val is None when eval_batches is 0."""
+    loader_args = dict(seq_len=cfg.model.seq_len, micro_batch_size=cfg.micro_batch_size,
+                       dp_rank=world.rank, dp_world=world.size, seed=cfg.seed)
+    if cfg.data.name == "synthetic":
+        make = lambda split: SyntheticLoader(cfg.model.vocab_size, split, **loader_args)  # noqa: E731
+    else:
+        manifest_path = resolve_manifest(cfg, world)
+        manifest = load_manifest(manifest_path)
+        if manifest.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer of {manifest_path} has {manifest.vocab_size} tokens but "
+                              f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={manifest.vocab_size}")
+        make = lambda split: TokenLoader(manifest_path, split, **loader_args)  # noqa: E731
+    return make("train"), (make("val") if cfg.eval_batches > 0 else None)
+
+
 def build_model(cfg: TrainConfig, world: World) -> Transformer:
     """Build on the meta device, apply parallelism, then materialize each rank's shards and initialize
     them (the weights depend on the seed only, not on the world size)."""
@@ -132,15 +149,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
     grad_accum = grad_accumulation_steps(cfg, world.size)
     run_dir = prepare_run_dir(cfg, world)
-    manifest_path = resolve_manifest(cfg, world)
-    manifest = load_manifest(manifest_path)
-    if manifest.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer of {manifest_path} has {manifest.vocab_size} tokens but "
-                          f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={manifest.vocab_size}")
-    loader_args = dict(seq_len=cfg.model.seq_len, micro_batch_size=cfg.micro_batch_size,
-                       dp_rank=world.rank, dp_world=world.size, seed=cfg.seed)
-    train_loader = TokenLoader(manifest_path, "train", **loader_args)
-    val_loader = TokenLoader(manifest_path, "val", **loader_args) if cfg.eval_batches > 0 else None
+    train_loader, val_loader = build_loaders(cfg, world)
     model = build_model(cfg, world)
     optimizer = build_optimizer(model, cfg, world.device)
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)

@@ -100,6 +100,9 @@ def test_dispatch_threshold():
     f = twell.crossover_active_fraction(2048, 5632)
     assert 0.0 < f < 0.2
     assert twell.twell_is_faster(f / 2, 2048, 5632) and not twell.twell_is_faster(f * 2, 2048, 5632)
+    assert twell.twell_is_faster(f / 2, 2048, 5632, tokens=131072)
+    assert not twell.twell_is_faster(f / 2, 1024, 2816, tokens=1024)  # launch-bound: dense
+    assert 0.0 < twell.crossover_active_fraction(3072, 8192) < 0.2  # unmeasured shape: nearest measured
 
 
 TWELL_SOURCES = sorted(p.name for p in CUDA_DIR.glob("twell*.cu"))

@@ -1,0 +1,173 @@
+"""Whole-model benchmark, dense vs sparse, measured in one run on one GPU:
+training step (tokens/s/GPU, MFU, peak memory, energy per token) and inference forward.
+
+    python -m sparse_llm.study.bench_model --models 0p5b 1b --active 29 [--steps 20] [override ...]
+
+Until trained sparse models exist, the sparse model's FFN gates are given a controlled sparsity
+(DESIGN.md section 11, adapted to a whole model): embedding channel 0 is set to a constant, which
+after each RMSNorm dominates that channel, and each layer's gate column 0 is set, one layer after
+the other, to the negative quantile of the other channels' gate pre-activations that leaves
+`--active` units per token on average. Training then runs at a tiny learning rate so the pattern
+holds for the timed steps. Each configuration runs in its own process (clean memory statistics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+VARIANTS = {
+    "dense": ["sparsity=dense", "kernel=torch"],
+    "sparse_torch": ["sparsity=l1", "kernel=torch"],
+    "sparse_kernel": ["sparsity=l1", "kernel=hybrid"],
+}
+
+
+@torch.no_grad()
+def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> list[float]:
+    """Give every layer's gate about `mean_active` active units per token on `tokens`; returns the
+    measured mean active units per layer."""
+    from sparse_llm.model.ffn import FeedForward
+
+    model.embed.weight[:, 0] = 1.0
+    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+    captured = {}
+    hook = None
+    measured = []
+    for index, ffn in enumerate(ffns):
+        hook = ffn.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0].detach()))
+        model(tokens)
+        hook.remove()
+        x = captured["x"].reshape(-1, captured["x"].shape[-1]).float()
+        weight = ffn.gate.weight.full_tensor() if hasattr(ffn.gate.weight, "full_tensor") else ffn.gate.weight
+        weight = weight.float()
+        rest = x[:, 1:] @ weight[:, 1:].T
+        sample = rest.flatten()[: 2**24]
+        threshold = torch.quantile(sample, 1.0 - mean_active / weight.shape[0])
+        column = -threshold / x[:, 0].mean()
+        local = ffn.gate.weight.to_local() if hasattr(ffn.gate.weight, "to_local") else ffn.gate.weight
+        local[:, 0] = column.to(local.dtype)
+        measured.append(float(((rest + x[:, :1] * column) > 0).sum(1).float().mean()))
+    return measured
+
+
+def run_one(overrides: list[str], steps: int, warmup: int, active: float) -> dict:
+    from sparse_llm.config import compose_config, validate
+    from sparse_llm.parallel.distributed import init_distributed, shutdown
+    from sparse_llm.train.energy import EnergyMeter, EnergyUnavailable, nvml_energy_reader
+    from sparse_llm.train.run import build_trainer
+    from sparse_llm.train.trainer import Callback
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(overrides + [
+            "data=synthetic", "eval_batches=0", "logging.wandb.mode=disabled", "checkpoint.resume=false",
+            f"output_dir={tmp}", f"max_steps={warmup + steps}", "checkpoint.interval=1000000",
+            f"logging.interval={warmup + steps}", "optim.lr=1e-7", "schedule.warmup_steps=0",
+            "telemetry.energy=false"])
+        world = init_distributed("cuda")
+        validate(cfg, world.size)
+        trainer = build_trainer(cfg, world)
+        tokens = trainer.train_loader.next_batch()[0][:1].to(world.device)
+        layer_active = calibrate_gate_sparsity(trainer.model, tokens, active) if cfg.sparsity.ffn != "swiglu" else []
+        try:
+            meter = EnergyMeter(nvml_energy_reader(world.device))
+        except EnergyUnavailable:
+            meter = None
+        marks = {}
+
+        class Timer(Callback):
+            def on_step_end(self, trainer, step, metrics):
+                if step in (warmup, warmup + steps):
+                    torch.cuda.synchronize()
+                    marks[step] = (time.perf_counter(), meter.delta_mj() if meter else 0)
+
+        trainer.callbacks.append(Timer())
+        torch.cuda.reset_peak_memory_stats()
+        last = trainer.fit()
+        train_s = marks[warmup + steps][0] - marks[warmup][0]
+        train_tokens = steps * cfg.tokens_per_step
+        result = {
+            "overrides": overrides, "train_tokens_per_s": train_tokens / train_s,
+            "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "train_mj_per_token": marks[warmup + steps][1] / train_tokens if meter else None,
+            "mfu": last.get("perf/mfu_dense_equiv"), "active_per_token": last.get("sparsity/active_per_token/mean"),
+            "calibrated_active": layer_active,
+        }
+        result.update(_time_forward(trainer.model, cfg, world.device, meter))
+        trainer.logger.close()
+        shutdown()
+    return result
+
+
+@torch.no_grad()
+def _time_forward(model, cfg, device, meter, repeats: int = 10) -> dict:
+    """Inference forward at batch micro_batch_size x seq_len (TwELL where the kernel mode is sparse)."""
+    from sparse_llm.model.ffn import FeedForward
+
+    for module in model.modules():
+        if isinstance(module, FeedForward) and module.kernel != "torch":
+            module.kernel = "twell"
+    model.eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.model.seq_len), device=device)
+    for _ in range(3):
+        model(tokens)
+    torch.cuda.synchronize()
+    if meter:
+        meter.delta_mj()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(tokens)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    n = repeats * tokens.numel()
+    return {"forward_tokens_per_s": n / seconds, "forward_mj_per_token": meter.delta_mj() / n if meter else None}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["0p5b", "1b", "1p5b", "2b"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--active", type=float, default=29.0, help="mean active units per token (sparse variants)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write all results to this file")
+    args, overrides = parser.parse_known_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(overrides, args.steps, args.warmup, args.active)), flush=True)
+        return
+    rows = []
+    for model in args.models:
+        for variant in args.variants:
+            cmd = [sys.executable, "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}",
+                   f"--warmup={args.warmup}", f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(f"{model} {variant}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            rows.append({"model": model, "variant": variant, **json.loads(lines[-1][7:])})
+            print(_row_text(rows[-1], rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=1)
+
+
+def _row_text(row: dict, rows: list[dict]) -> str:
+    dense = next((r for r in rows if r["model"] == row["model"] and r["variant"] == "dense"), None)
+    ratio = lambda key: f"{row[key] / dense[key]:.3f}x" if dense and row.get(key) and dense.get(key) else "-"  # noqa: E731
+    energy = row.get("forward_mj_per_token")
+    return (f"{row['model']:>5} {row['variant']:>13} | train {row['train_tokens_per_s']:>9.0f} tok/s ({ratio('train_tokens_per_s')}) "
+            f"peak {row['train_peak_gib']:5.1f} GiB ({ratio('train_peak_gib')}) "
+            f"mfu {row['mfu'] or 0:.3f} active {row['active_per_token'] or 0:.1f} | forward "
+            f"{row['forward_tokens_per_s']:>9.0f} tok/s ({ratio('forward_tokens_per_s')}) "
+            f"{'' if energy is None else f'{energy:.3f} mJ/tok'} ({ratio('forward_mj_per_token')})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
