@@ -23,6 +23,7 @@ from sparse_llm.parallel.distributed import World
 from sparse_llm.parallel.fsdp import apply_parallelism, build_mesh
 from sparse_llm.train import checkpoint
 from sparse_llm.train.loggers import build_logger
+from sparse_llm.train.routing import KernelRouting
 from sparse_llm.train.telemetry import build_callbacks
 from sparse_llm.train.trainer import Trainer
 
@@ -153,8 +154,11 @@ def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
     model = build_model(cfg, world)
     optimizer = build_optimizer(model, cfg, world.device)
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)
+    callbacks = build_callbacks(cfg, world, run_dir)
+    if cfg.kernel.name == "auto":
+        callbacks.append(KernelRouting(cfg.model.d_model, cfg.model.d_ff))
     trainer = Trainer(cfg, world, model, optimizer, train_loader, val_loader, logger, run_dir, grad_accum,
-                      callbacks=build_callbacks(cfg, world, run_dir))
+                      callbacks=callbacks)
     if cfg.checkpoint.resume:
         path = trainer.resume()
         if path is not None:

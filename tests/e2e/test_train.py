@@ -90,3 +90,14 @@ def test_missing_shards_dir_is_a_clear_error(tmp_path, capsys):
 
 def test_train_script_is_at_the_repo_root():
     assert (REPO / "train.py").is_file()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "hybrid", "twell"])
+def test_every_kernel_mode_trains_on_cpu_through_the_reference(tmp_path, tiny_corpus, kernel):
+    code, run_dir = run_train(tmp_path, tiny_corpus, f"kernel={kernel}", "max_steps=4", "logging.interval=2",
+                              name=kernel)
+    assert code == 0
+    last = read_metrics(run_dir)[-1]
+    assert last["loss/ce"] > 0
+    if kernel == "auto":
+        assert last["kernel/layers_on_kernel"] == 0  # a fresh ReLU layer is ~50% active: dense is faster

@@ -1,0 +1,61 @@
+"""kernel=auto routing on CPU: decisions follow the measured active fraction with hysteresis, are
+read back only at log steps, and survive a checkpoint."""
+import torch
+
+from sparse_llm.config import ModelConfig
+from sparse_llm.kernels.reference import activation_stats
+from sparse_llm.model import FFNStats, ModelOutput, Transformer
+from sparse_llm.train.routing import KernelRouting
+
+
+class FakeTrainer:
+    def __init__(self, model):
+        self.model, self.device = model, torch.device("cpu")
+
+
+def output_with_active(n_layers, d_ff, active_per_token, tokens=64):
+    stats = []
+    for active in active_per_token:
+        h = torch.zeros(tokens, d_ff)
+        h[:, :active] = 1.0
+        stats.append(FFNStats(*activation_stats(h)))
+    return ModelOutput(torch.zeros(1), stats)
+
+
+def test_layers_switch_with_hysteresis_at_log_steps():
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
+    model = Transformer(cfg, kernel="auto")
+    routing = KernelRouting(cfg.d_model, cfg.d_ff)
+    trainer = FakeTrainer(model)
+    routing.on_fit_start(trainer)
+    ffns = routing.ffns
+    assert not any(f.route_training or f.route_inference for f in ffns)
+    for _ in range(60):  # layer 0 at 0.5% active (sparse), layer 1 at 50%
+        routing.on_micro_batch_end(trainer, output_with_active(2, 1000, [5, 500]))
+    routing.on_step_end(trainer, 1, None)  # not a log step: nothing read back
+    assert not ffns[0].route_training
+    metrics = {}
+    routing.on_step_end(trainer, 2, metrics)
+    assert ffns[0].route_training and ffns[0].route_inference
+    assert not ffns[1].route_training and not ffns[1].route_inference
+    assert metrics["kernel/layers_on_kernel"] == 1
+    # just above the crossover but inside the band: layer 0 stays on the kernel
+    crossover = routing.router.crossover
+    inside = int(1000 * crossover * 1.1)
+    for _ in range(100):
+        routing.on_micro_batch_end(trainer, output_with_active(2, 1000, [inside, 500]))
+    routing.on_step_end(trainer, 3, {})
+    assert ffns[0].route_training
+    state = routing.state_dict()
+    restored = KernelRouting(cfg.d_model, cfg.d_ff)
+    restored.load_state_dict(state)
+    model2 = Transformer(cfg, kernel="auto")
+    restored.on_fit_start(FakeTrainer(model2))
+    assert restored.ffns[0].route_training and not restored.ffns[1].route_training
+
+
+def test_cpu_calls_always_use_the_reference():
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, vocab_size=10, seq_len=8)
+    ffn = Transformer(cfg, kernel="auto").blocks[0].ffn
+    ffn.route_training = ffn.route_inference = True
+    assert ffn.kernel_for_call(torch.zeros(2, 32)) is None
