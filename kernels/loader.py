@@ -68,9 +68,18 @@ def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, s
 
     if shared_mem > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = shared_mem
-    stream = torch.cuda.current_stream()
-    with cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index):
+    with _cupy_stream(torch.cuda.current_stream()):
         kernel(grid, block, args, shared_mem=shared_mem)
+
+
+def _cupy_stream(stream: torch.cuda.Stream):
+    """CuPy's view of a torch stream (Stream.from_external in CuPy >= 14, ExternalStream before)."""
+    import cupy
+
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(stream.cuda_stream, stream.device.index)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
 
 
 def nvcc_compile_check(name: str, arch: str = "sm_90a", defines: dict | None = None) -> str:

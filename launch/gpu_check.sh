@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one call: build (NVRTC) and test the kernels, benchmark them against dense
+# PyTorch, benchmark whole models, and run short real trainings. Logs go to $OUT (or ./gpu_out).
+#   launch/gpu_check.sh [tests] [kernels] [models] [train]     (default: all four)
+# On the lent GPU machine, carry .whl (hydra, omegaconf, wandb wheels) and data/cache/default.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" WANDB_MODE=offline
+if [[ -d .whl ]] && ! python3 -c "import hydra, wandb" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+fi
+sections=("$@")
+[[ ${#sections[@]} == 0 ]] && sections=(tests kernels models train)
+status=0
+step() {  # step NAME COMMAND...: run, tee to $OUT/NAME.log, remember failures
+  local name=$1; shift
+  echo "=== $name: $*"
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s"
+  [[ $rc == 0 ]] || status=1
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,power.draw --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
+for section in "${sections[@]}"; do
+  case $section in
+    tests)   step gpu_tests python3 -m pytest -m gpu -q -x -p no:cacheprovider -s ;;
+    kernels) step bench_inference python3 -m sparse_llm.kernels.bench inference
+             step bench_training python3 -m sparse_llm.kernels.bench training ;;
+    models)  step bench_models python3 -m sparse_llm.study.bench_model --models 0p5b 1b 1p5b 2b \
+               --variants dense sparse_kernel --steps 6 --warmup 2 --json "$OUT/bench_models.json"
+             step bench_dense_1b_compiled python3 -m sparse_llm.study.bench_model --models 1b --variants dense \
+               --steps 10 --warmup 5 parallel.compile=true ;;
+    train)   step train_small python3 train.py model=small max_steps=200 logging.interval=20 eval_interval=100 \
+               sparsity.l1=1e-3 output_dir="$OUT/runs" run_name=small-l1 checkpoint.interval=100
+             step plots python3 -m sparse_llm.plots "$OUT/runs/small-l1" ;;
+    *) echo "unknown section $section (tests, kernels, models, train)"; status=1 ;;
+  esac
+done
+exit $status
