@@ -60,6 +60,22 @@ def _kernel(name: str, device, d_model: int, gated: bool, dtype: torch.dtype):
                       HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
 
 
+def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream (own helper: independent of loader.launch's stream shim)."""
+    import warnings
+
+    import cupy
+
+    if shared_mem > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+    stream = torch.cuda.current_stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ext = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
+    with ext:
+        kernel(grid, block, args, shared_mem=shared_mem)
+
+
 def _c(t: Tensor) -> Tensor:
     """Contiguous with a 16-byte aligned start (the kernels use 16-byte vector accesses)."""
     t = t.contiguous()
@@ -70,7 +86,7 @@ def _transpose16(t: Tensor) -> Tensor:
     """[R, C] -> contiguous [C, R] for 16-bit tensors with even R and C (one tiled kernel)."""
     import numpy as np
 
-    from sparse_llm.kernels.loader import launch, ptr
+    from sparse_llm.kernels.loader import ptr
 
     t = _c(t)
     r, c = t.shape
@@ -90,7 +106,7 @@ def _heavy_first(tprefix: Tensor) -> Tensor:
 def _fwd_cuda(x, w_gate, w_up, w_down, width):
     import numpy as np
 
-    from sparse_llm.kernels.loader import launch, ptr
+    from sparse_llm.kernels.loader import ptr
 
     n, d_model = x.shape
     d_ff = w_up.shape[0]
@@ -124,7 +140,7 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
 def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
     import numpy as np
 
-    from sparse_llm.kernels.loader import launch, ptr
+    from sparse_llm.kernels.loader import ptr
 
     n, d_model = x.shape
     d_ff = w_up.shape[0]

@@ -237,8 +237,8 @@ class Trainer:
         elapsed = time.perf_counter() - totals.start
         global_tokens = totals.steps * self.cfg.tokens_per_step
         ce = sums[0].item() / global_tokens
-        # each rank's l1_term is already a share of the global mean; summing the ranks gives the mean
-        l1_term = sums[1].item() / totals.steps
+        # each rank's l1_term is normalized by its own tokens (tokens_per_step / world): average the ranks
+        l1_term = sums[1].item() / totals.steps / self.world.size
         grad_norm = totals.grad_norm.item() / totals.steps
         if not (math.isfinite(ce) and math.isfinite(l1_term) and math.isfinite(grad_norm)):
             raise TrainingDiverged(
