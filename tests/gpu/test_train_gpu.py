@@ -54,3 +54,24 @@ def test_twell_and_auto_inference_match_the_reference_eval(tmp_path, tiny_corpus
         trainer.logger.close()
         shutdown()
     assert abs(with_twell - reference) < 1e-2 * reference, (reference, with_twell)
+
+
+def test_125m_fsdp_resume_in_the_middle_continues_the_curve(tmp_path):
+    common = ["model=125m", "data=synthetic", "micro_batch_size=4", "tokens_per_step=16384", "max_steps=12",
+              "logging.interval=1", "eval_batches=0", "logging.wandb.mode=disabled", "checkpoint.interval=6",
+              "schedule.warmup_steps=4", f"output_dir={tmp_path}", "device=cuda"]
+    assert train.main(common + ["run_name=straight"]) == 0
+    assert train.main(common + ["run_name=resumed", "max_steps=6"]) == 0
+    assert train.main(common + ["run_name=resumed"]) == 0
+    straight = {r["step"]: r["loss/ce"] for r in map(json.loads, (tmp_path / "straight/metrics.jsonl").read_text().splitlines())}
+    resumed = {r["step"]: r["loss/ce"] for r in map(json.loads, (tmp_path / "resumed/metrics.jsonl").read_text().splitlines())}
+    print({step: (straight[step], resumed[step]) for step in straight})
+    for step in range(1, 13):
+        assert abs(straight[step] - resumed[step]) < 1e-2 * straight[step], step
+
+
+def test_compiled_blocks_train_with_the_hybrid_kernel(tmp_path, tiny_corpus):
+    common = SMALL + ["max_steps=4", "data=shards", f"data.path={tiny_corpus.parent}", f"output_dir={tmp_path}",
+                      "parallel.compile=true", "parallel.activation_checkpointing=full"]
+    assert train.main(common + ["kernel=hybrid", "run_name=compiled"]) == 0
+    assert len(losses(tmp_path / "compiled")) == 4
