@@ -125,6 +125,21 @@ def profile_case(s, args, name):
         y, l1, _, _ = hybrid_ffn(*leaves, ell_width=args.ell_width)
         return torch.autograd.grad([y, l1], leaves, [dy, dl1])
 
+    from sparse_llm.kernels import hybrid
+
+    if args.dw_chunks:  # time hy_dw alone for each token-chunk size
+        for chunk in [int(v) for v in args.dw_chunks.split(",")]:
+            hybrid.DW_CHUNK_TOKENS = chunk
+            for _ in range(3):
+                ours()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    ours()
+                torch.cuda.synchronize()
+            tot = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages() if e.key == "hy_dw")
+            print(f"  hy_dw with DW_CHUNK_TOKENS={chunk}: {tot / 5 / 1000:.3f} ms per backward", flush=True)
+        hybrid.DW_CHUNK_TOKENS = args.dw_chunk_default
     for _ in range(3):
         ours()
     torch.cuda.synchronize()
@@ -159,10 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", default="", help="extra mean-active counts to time (ours vs eager)")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the first case")
     p.add_argument("--json", default="", help="write the rows to this file")
+    p.add_argument("--dw-chunks", default="", help="with --profile: hy_dw times for these token chunks")
+    p.add_argument("--dw-chunk", dest="dw_chunk_default", type=int, default=4096,
+                   help="hy_dw token chunk (0 = one pass)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the training bench needs a CUDA GPU")
     torch.manual_seed(0)
+    from sparse_llm.kernels import hybrid
+
+    hybrid.DW_CHUNK_TOKENS = args.dw_chunk_default
     dev = torch.cuda.get_device_name()
     d, f, n = args.d_model, args.d_ff, args.tokens
     compiled = None if args.no_compile else torch.compile(dense_ffn)

@@ -32,6 +32,6 @@ PY
   fi
 fi
 if [[ $MODE == all || $MODE == bench ]]; then
-  timeout 420 python -m sparse_llm.kernels.bench training --profile --sweep 42,56,113 \
+  timeout 420 python -m sparse_llm.kernels.bench training --profile --dw-chunks 0,2048,4096,8192 --sweep 42,56,113 \
     --json "$OUT/bench.json" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
 fi

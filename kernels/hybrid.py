@@ -23,6 +23,9 @@ DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
 _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 _DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
+# hy_dw processes the tokens in chunks of this many (x and dy rows of a chunk stay in L2), adding
+# float32 partial sums between chunks; 0 = one pass over all tokens.
+DW_CHUNK_TOKENS = 4096
 
 
 def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
@@ -163,11 +166,17 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
-    launch(_kernel("hy_dw", dev, d_model, gated, dt), (d_ff,), (threads,),
-           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt),
-            i32(n), i32(d_ff), i32(width)),
-           shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
+    # token chunks whose x and dy rows fit in L2 together; float32 partial sums between chunks
+    chunk_words = max(1, DW_CHUNK_TOKENS // 32) if DW_CHUNK_TOKENS else max(wc, 1)
+    starts = list(range(0, wc, chunk_words)) or [0]
+    part = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev) if len(starts) > 1 else None
+    for i, w0 in enumerate(starts):
+        flags = (1 if i > 0 else 0) | (2 if i == len(starts) - 1 else 0)
+        launch(_kernel("hy_dw", dev, d_model, gated, dt), (d_ff,), (threads,),
+               (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
+                ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(part),
+                i32(w0), i32(min(w0 + chunk_words, wc)), i32(flags), i32(n), i32(d_ff), i32(width)),
+               shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
     if n > 0:
         launch(_kernel("hy_dx", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
                (_FWD_WARPS * 32,),

@@ -508,7 +508,11 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
       const hy_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, hy_u16* __restrict__ DWG,
-      hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, int N, int FF, int W) {
+      hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, float* __restrict__ part, int w_begin,
+      int w_end, int flags, int N, int FF, int W) {
+  // Tokens of column-bitmask words [w_begin, w_end) only. flags bit 0: add the float32 partial sums
+  // in part [FF][3][D] (an earlier token chunk); bit 1: last chunk, write the bf16/fp16 rows (else
+  // write the partial sums back to part).
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ int s_rank[DW_CAP];
@@ -540,16 +544,27 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
     au[k] = 0.f;
 #endif
   }
+  float* pj = part + (size_t)j * 3 * D + tid * 8;
+  if (flags & 1) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      ag[k] = pj[k];
+      ad[k] = pj[2 * D + k];
+#if HY_GATED
+      au[k] = pj[D + k];
+#endif
+    }
+  }
 
   const hy_u32* mc = mcol + (size_t)j * WC;
-  for (int cw = 0; cw < WC; cw += DW_THR * DW_WPT) {
+  for (int cw = w_begin; cw < w_end; cw += DW_THR * DW_WPT) {
     // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
     hy_u32 words[DW_WPT];
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
       const int wi = cw + tid * DW_WPT + q;
-      words[q] = (wi < WC) ? __ldg(mc + wi) : 0u;
+      words[q] = (wi < w_end) ? __ldg(mc + wi) : 0u;
       cnt += __popc(words[q]);
     }
     int incl = cnt;
@@ -719,6 +734,17 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
     }
   }
   hy_cp_wait<0>();
+  if (!(flags & 2)) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      pj[k] = ag[k];
+      pj[2 * D + k] = ad[k];
+#if HY_GATED
+      pj[D + k] = au[k];
+#endif
+    }
+    return;
+  }
   hy_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), pol_s);
 #if HY_GATED
   hy_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), pol_s);

@@ -36,7 +36,8 @@ def build_callbacks(cfg: TrainConfig, world: World, run_dir: Path) -> list:
     if t.memory:
         callbacks.append(MemoryCallback())
     if t.media_interval > 0 and cfg.logging.wandb.mode != "disabled" and world.is_main:
-        callbacks.append(WandbMediaCallback(t.media_interval, cfg.model.n_layers, cfg.model.d_ff, run_dir))
+        interval = -(-t.media_interval // cfg.logging.interval) * cfg.logging.interval  # media go on log steps
+        callbacks.append(WandbMediaCallback(interval, cfg.model.n_layers, cfg.model.d_ff, run_dir))
     if t.profile_steps > 0:
         callbacks.append(ProfilerCallback(t.profile_start_step, t.profile_steps, run_dir, world.rank))
     if t.memory_snapshot_step > 0:

@@ -182,3 +182,17 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert rel(a, b) < 1e-3
+
+
+@pytest.mark.parametrize("chunk", [64, 0])
+def test_dw_token_chunks(chunk):
+    # hy_dw over many token chunks with float32 partial sums between them, and in one pass
+    from sparse_llm.kernels import hybrid
+
+    saved = hybrid.DW_CHUNK_TOKENS
+    hybrid.DW_CHUNK_TOKENS = chunk
+    try:
+        check_case(*make_inputs(700, 256, 512, torch.bfloat16, mean_active=10, adversarial=True), width=4)
+        check_case(*make_inputs(300, 256, 512, torch.bfloat16, gated=False, mean_active=10), width=4)
+    finally:
+        hybrid.DW_CHUNK_TOKENS = saved

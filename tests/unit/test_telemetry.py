@@ -316,12 +316,14 @@ def test_build_callbacks_from_config(tmp_path):
     assert built == [DeadNeuronReinit, PerfCallback, ProfilerCallback, MemorySnapshotCallback]
     off = compose_config(["telemetry.media_interval=0"])
     assert WandbMediaCallback not in [type(c) for c in build_callbacks(off, world, tmp_path)]
+    odd = build_callbacks(compose_config(["telemetry.media_interval=15", "logging.interval=10"]), world, tmp_path)
+    assert [c.interval for c in odd if isinstance(c, WandbMediaCallback)] == [20]  # rounded up to a log step
 
 
 @pytest.mark.parametrize("overrides,match", [
     (["telemetry.profile_steps=-1"], "telemetry.profile_steps must be >= 0"),
     (["telemetry.profile_start_step=0"], "telemetry.profile_start_step"),
-    (["telemetry.media_interval=15"], "telemetry.media_interval=15 must be a multiple of logging.interval=10"),
+    (["telemetry.media_interval=-1"], "telemetry.media_interval must be >= 0"),
     (["telemetry.memory_snapshot_step=-2"], "telemetry.memory_snapshot_step"),
     (["hardware.peak_tflops=0"], "hardware.peak_tflops"),
     (["+hardware.peak_bf16_tflops.X1=-3"], "hardware.peak_bf16_tflops"),
