@@ -45,7 +45,8 @@ def init_distributed(requested_device: str = "auto") -> World:
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         else:
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device if device.type == "cuda" else None)
     return World(rank, size, local_rank, device)
 
 
