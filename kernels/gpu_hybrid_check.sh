@@ -35,3 +35,9 @@ if [[ $MODE == all || $MODE == bench ]]; then
   timeout 420 python -m sparse_llm.kernels.bench training --profile --dw-chunks 0,2048,4096,8192 --sweep 42,56,113 \
     --json "$OUT/bench.json" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
 fi
+if [[ $MODE == ncu ]]; then
+  timeout 300 ncu --clock-control none -k regex:'hy_(forward|dw|dx)' -c 6 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+    python kernels/hybrid_ncu_case.py 2>&1 | grep -v "^==PROF==" | tee "$OUT/ncu.log" | \
+    grep -E "hy_|Duration|Throughput|Hit Rate|Achieved Occupancy|Stall|Warp Cycles|Issued|L2|DRAM" | head -120
+fi

@@ -34,7 +34,7 @@ def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> 
     measured mean active units per layer."""
     from sparse_llm.model.ffn import FeedForward
 
-    model.embed.weight[:, 0] = 1.0
+    _local(model.embed.weight)[:, 0] = 1.0  # every shard (rows of the vocabulary) holds column 0
     ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
     captured = {}
     hook = None
@@ -50,10 +50,15 @@ def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> 
         sample = rest.flatten()[: 2**24]
         threshold = torch.quantile(sample, 1.0 - mean_active / weight.shape[0])
         column = -threshold / x[:, 0].mean()
-        local = ffn.gate.weight.to_local() if hasattr(ffn.gate.weight, "to_local") else ffn.gate.weight
+        local = _local(ffn.gate.weight)
         local[:, 0] = column.to(local.dtype)
         measured.append(float(((rest + x[:, :1] * column) > 0).sum(1).float().mean()))
     return measured
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (the parameter itself when unsharded)."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def run_one(overrides: list[str], steps: int, warmup: int, active: float) -> dict:
