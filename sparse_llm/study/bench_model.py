@@ -8,7 +8,8 @@ Until trained sparse models exist, the sparse model's FFN gates are given a cont
 after each RMSNorm dominates that channel, and each layer's gate column 0 is set, one layer after
 the other, to the negative quantile of the other channels' gate pre-activations that leaves
 `--active` units per token on average. Training then runs at a tiny learning rate so the pattern
-holds for the timed steps. Each configuration runs in its own process (clean memory statistics).
+holds for the timed steps, one micro-batch (model.micro_batch_size x seq_len tokens) per step.
+Each configuration runs in its own process (clean memory statistics).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float) -> dic
             f"logging.interval={warmup + steps}", "optim.lr=1e-7", "schedule.warmup_steps=0",
             "telemetry.energy=false"])
         world = init_distributed("cuda")
+        cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len * world.size  # one micro-batch a step
         validate(cfg, world.size)
         trainer = build_trainer(cfg, world)
         tokens = trainer.train_loader.next_batch()[0][:1].to(world.device)
@@ -138,8 +140,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--models", nargs="+", default=["0p5b", "1b", "1p5b", "2b"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--active", type=float, default=29.0, help="mean active units per token (sparse variants)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write all results to this file")
     args, overrides = parser.parse_known_args(argv)
