@@ -140,6 +140,20 @@ def profile_case(s, args, name):
             tot = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages() if e.key == "hy_dw")
             print(f"  hy_dw with DW_CHUNK_TOKENS={chunk}: {tot / 5 / 1000:.3f} ms per backward", flush=True)
         hybrid.DW_CHUNK_TOKENS = args.dw_chunk_default
+    if args.fwd_minb:  # time hy_forward alone for each register cap
+        for mb in [int(v) for v in args.fwd_minb.split(",")]:
+            hybrid.FWD_MIN_BLOCKS = mb
+            for _ in range(3):
+                ours()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    ours()
+                torch.cuda.synchronize()
+            tot = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages()
+                      if e.key == "hy_forward")
+            print(f"  hy_forward with FWD_MIN_BLOCKS={mb}: {tot / 5 / 1000:.3f} ms", flush=True)
+        hybrid.FWD_MIN_BLOCKS = 1
     for _ in range(3):
         ours()
     torch.cuda.synchronize()
@@ -174,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", default="", help="extra mean-active counts to time (ours vs eager)")
     p.add_argument("--profile", action="store_true", help="per-kernel times of the first case")
     p.add_argument("--json", default="", help="write the rows to this file")
+    p.add_argument("--fwd-minb", default="", help="with --profile: hy_forward times for these min-blocks")
     p.add_argument("--dw-chunks", default="", help="with --profile: hy_dw times for these token chunks")
-    p.add_argument("--dw-chunk", dest="dw_chunk_default", type=int, default=4096,
+    p.add_argument("--dw-chunk", dest="dw_chunk_default", type=int, default=0,
                    help="hy_dw token chunk (0 = one pass)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

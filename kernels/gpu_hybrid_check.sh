@@ -32,7 +32,7 @@ PY
   fi
 fi
 if [[ $MODE == all || $MODE == bench ]]; then
-  timeout 420 python -m sparse_llm.kernels.bench training --profile --dw-chunks 0,2048,4096,8192 --sweep 42,56,113 \
+  timeout 420 python -m sparse_llm.kernels.bench training --profile --sweep 35,42,56 \
     --json "$OUT/bench.json" ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $MODE == ncu ]]; then

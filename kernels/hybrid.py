@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sparse_llm.kernels import hybrid_reference as ref
+from sparse_llm.kernels.loader import launch
 
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
@@ -25,7 +26,9 @@ _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 _DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
 # hy_dw processes the tokens in chunks of this many (x and dy rows of a chunk stay in L2), adding
 # float32 partial sums between chunks; 0 = one pass over all tokens.
-DW_CHUNK_TOKENS = 4096
+DW_CHUNK_TOKENS = 0
+# hy_forward's __launch_bounds__ min-blocks (1: 168 registers, 3 CTAs of 4 warps per SM).
+FWD_MIN_BLOCKS = 1
 
 
 def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
@@ -59,24 +62,10 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 def _kernel(name: str, device, d_model: int, gated: bool, dtype: torch.dtype):
     from sparse_llm.kernels.loader import get_kernel
 
+    minb = FWD_MIN_BLOCKS if name == "hy_forward" else 1
+    extra = {"HY_FWD_MINB": minb} if minb != 1 else {}
     return get_kernel(SOURCE, name, device, HY_D=d_model, HY_GATED=int(gated),
-                      HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
-
-
-def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
-    """Launch on torch's current stream (own helper: independent of loader.launch's stream shim)."""
-    import warnings
-
-    import cupy
-
-    if shared_mem > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = shared_mem
-    stream = torch.cuda.current_stream()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ext = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
-    with ext:
-        kernel(grid, block, args, shared_mem=shared_mem)
+                      HY_DTYPE=0 if dtype == torch.bfloat16 else 1, **extra)
 
 
 def _c(t: Tensor) -> Tensor:
@@ -280,7 +269,7 @@ def hybrid_ffn(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor
 
 # Active fraction (mean active units per token / d_ff) below which the hybrid kernels beat dense
 # fwd+bwd, measured by `python -m sparse_llm.kernels.bench training --sweep` (see NOTES_hybrid.md).
-CROSSOVER_ACTIVE_FRAC = 0.02
+CROSSOVER_ACTIVE_FRAC = 0.0093  # measured 2026-11-24, H100, bf16, d 2048, d_ff 5632, 16384 tokens (v6)
 
 
 class HybridRouter:
@@ -289,7 +278,8 @@ class HybridRouter:
     Each step, `observe(layer, active_frac)` folds the layer's measured active fraction (a device
     scalar, e.g. tile_counts.sum() / (N * d_ff)) into an exponential moving average and updates the
     layer's device-side decision: switch to hybrid when the average falls below
-    `crossover * (1 - band)`, back to dense when it rises above `crossover * (1 + band)`. Nothing
+    `crossover * (1 - band)`, back to dense when it rises above `crossover` (so the hybrid path
+    never runs where it measured slower than dense, and the band stops flapping). Nothing
     here reads the device. The host copy `use_hybrid` (what the model reads each step) changes only
     in `sync()`, which the trainer calls at log intervals, where it synchronises anyway; between
     syncs the model runs on the last synced decision, so a step never waits for the device.
@@ -311,7 +301,7 @@ class HybridRouter:
 
     @property
     def high(self) -> float:
-        return self.crossover * (1 + self.band)
+        return self.crossover
 
     @torch.no_grad()
     def observe(self, layer: int, active_frac: Tensor) -> None:

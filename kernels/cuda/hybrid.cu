@@ -28,6 +28,9 @@
 #ifndef HY_DTYPE
 #define HY_DTYPE 0
 #endif
+#ifndef HY_FWD_MINB
+#define HY_FWD_MINB 1  // hy_forward: resident CTAs per SM asked of ptxas (caps its registers)
+#endif
 
 typedef unsigned int hy_u32;
 typedef unsigned short hy_u16;
@@ -291,7 +294,7 @@ hy_transpose(const hy_u32* __restrict__ mrow, hy_u32* __restrict__ mcol, int N, 
 // hy_forward: warp per token. Lane l holds columns (c*32 + l)*8 .. +7 of x and of y, c < NC.
 // WG_or_G: G (the gate GEMM output, bf16/fp16 [N, FF]) gives a for every active pair.
 
-extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, HY_FWD_MINB)
 hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_u16* __restrict__ WU,
            const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow, hy_u16* __restrict__ Y,
            float2* ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,

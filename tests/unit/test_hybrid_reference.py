@@ -206,9 +206,9 @@ def test_router_hysteresis_and_sync():
     assert r.use_hybrid == [False, False]  # ... but the host decision moves only at sync
     assert r.sync() == [True, False]
     assert r.kernel_for(0) == "hybrid" and r.kernel_for(1) == "dense"
-    r.observe(0, torch.tensor(0.024))  # inside the band, coming from hybrid: stays hybrid
+    r.observe(0, torch.tensor(0.019))  # inside the band, coming from hybrid: stays hybrid
     assert r.sync() == [True, False]
-    r.observe(0, torch.tensor(0.03))  # above high (0.025): back to dense
+    r.observe(0, torch.tensor(0.021))  # above the crossover (0.02): back to dense
     r.observe(1, torch.tensor(0.001))
     assert r.sync() == [False, True]
 
@@ -232,19 +232,26 @@ def test_router_smoothing_and_state():
 # ---------------------------------------------------------------------------------------------- CUDA sources
 
 HYBRID_SOURCES = ["hybrid.cu"]
-DEFINE_SETS = [dict(HY_D=2048, HY_GATED=1, HY_DTYPE=0), dict(HY_D=256, HY_GATED=0, HY_DTYPE=1),
-               dict(HY_D=512, HY_GATED=1, HY_DTYPE=1)]
+DEFINE_SETS = [{"HY_D": 2048, "HY_GATED": 1, "HY_DTYPE": 0}, {"HY_D": 256, "HY_GATED": 0, "HY_DTYPE": 1},
+               {"HY_D": 512, "HY_GATED": 1, "HY_DTYPE": 1}, {"HY_D": 2048, "HY_GATED": 1, "HY_FWD_MINB": 4}]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: cannot compile-check CUDA")
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 @pytest.mark.parametrize("source", HYBRID_SOURCES)
 def test_nvcc_compiles(source, arch):
-    from sparse_llm.kernels.loader import nvcc_compile_check
+    import subprocess
+
+    from sparse_llm.kernels.loader import CUDA_DIR
 
     for defines in DEFINE_SETS:
-        report = nvcc_compile_check(source, arch, defines)
+        cmd = ["nvcc", "-cubin", "-std=c++17", f"-gencode=arch=compute_{arch[3:]},code={arch}", "-Xptxas",
+               "-v", f"-I{CUDA_DIR}", "-o", "/dev/null", *[f"-D{k}={v}" for k, v in defines.items()],
+               str(CUDA_DIR / source)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, f"nvcc failed on {source} for {arch} {defines}:\n{result.stderr}"
+        report = result.stderr
         assert "error" not in report.lower()
         for line in report.splitlines():
-            if "spill" in line:
+            if "spill" in line and "HY_FWD_MINB" not in defines:  # the capped variant may spill
                 assert "0 bytes spill stores" in line, f"{defines}: {line}"

@@ -30,8 +30,8 @@ def test_layers_switch_with_hysteresis_at_log_steps():
     routing.on_fit_start(trainer)
     ffns = routing.ffns
     assert not any(f.route_training or f.route_inference for f in ffns)
-    for _ in range(60):  # layer 0 at 0.5% active (sparse), layer 1 at 50%
-        routing.on_micro_batch_end(trainer, output_with_active(2, 1000, [5, 500]))
+    for _ in range(200):  # layer 0 at 0.2% active (sparse), layer 1 at 50%
+        routing.on_micro_batch_end(trainer, output_with_active(2, 1000, [2, 500]))
     routing.on_step_end(trainer, 1, None)  # not a log step: nothing read back
     assert not ffns[0].route_training
     metrics = {}
@@ -39,10 +39,10 @@ def test_layers_switch_with_hysteresis_at_log_steps():
     assert ffns[0].route_training and ffns[0].route_inference
     assert not ffns[1].route_training and not ffns[1].route_inference
     assert metrics["kernel/layers_on_kernel"] == 1
-    # just above the crossover but inside the band: layer 0 stays on the kernel
-    crossover = routing.router.crossover
-    inside = int(1000 * crossover * 1.1)
-    for _ in range(100):
+    # between the switch-on and switch-off thresholds: layer 0 stays on the kernel
+    inside = round(1000 * (routing.router.low + routing.router.high) / 2)
+    assert routing.router.low < inside / 1000 < routing.router.high
+    for _ in range(200):
         routing.on_micro_batch_end(trainer, output_with_active(2, 1000, [inside, 500]))
     routing.on_step_end(trainer, 3, {})
     assert ffns[0].route_training
