@@ -2,6 +2,7 @@
 # Everything GPU-side in one call: build (NVRTC) and test the kernels, benchmark them against dense
 # PyTorch, benchmark whole models, and run short real trainings. Logs go to $OUT (or ./gpu_out).
 #   launch/gpu_check.sh [tests] [kernels] [models] [train]     (default: all four)
+# MODELS (default "0p5b 1b 1p5b 2b") picks the scales of the whole-model benchmark.
 # On the lent GPU machine, carry .whl (hydra, omegaconf, wandb wheels) and data/cache/default.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +31,15 @@ for section in "${sections[@]}"; do
     tests)   step gpu_tests python3 -m pytest -m gpu -q -x -p no:cacheprovider -s ;;
     kernels) step bench_inference python3 -m sparse_llm.kernels.bench inference
              step bench_training python3 -m sparse_llm.kernels.bench training ;;
-    models)  step bench_models python3 -m sparse_llm.study.bench_model --models 0p5b 1b 1p5b 2b \
-               --variants dense sparse_kernel --steps 6 --warmup 2 --json "$OUT/bench_models.json"
+    models)  step bench_models python3 -m sparse_llm.study.bench_model --models ${MODELS:-0p5b 1b 1p5b 2b} \
+               --variants dense sparse_kernel --json "$OUT/bench_models.json"
              step bench_dense_1b_compiled python3 -m sparse_llm.study.bench_model --models 1b --variants dense \
-               --steps 10 --warmup 5 parallel.compile=true ;;
-    train)   step train_small python3 train.py model=small max_steps=200 logging.interval=20 eval_interval=100 \
-               sparsity.l1=1e-3 output_dir="$OUT/runs" run_name=small-l1 checkpoint.interval=100
-             step plots python3 -m sparse_llm.plots "$OUT/runs/small-l1" ;;
+               --steps 20 --warmup 8 parallel.compile=true ;;
+    train)   runs=${RUNS_DIR:-/tmp/gpu_check_runs}  # checkpoints stay out of $OUT
+             step train_small python3 train.py model=small max_steps=200 logging.interval=20 eval_interval=100 \
+               sparsity.l1=1e-3 output_dir="$runs" run_name=small-l1 checkpoint.interval=100
+             step plots python3 -m sparse_llm.plots "$runs/small-l1"
+             tar -cf "$OUT/small_run.tar" -C "$runs/small-l1" metrics.jsonl plots ;;
     *) echo "unknown section $section (tests, kernels, models, train)"; status=1 ;;
   esac
 done
