@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,power.draw --f
 python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
 for section in "${sections[@]}"; do
   case $section in
-    tests)   step gpu_tests python3 -m pytest -m gpu -q -x -p no:cacheprovider -s ;;
+    tests)   step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -s ;;
     kernels) step bench_inference python3 -m sparse_llm.kernels.bench inference
              step bench_training python3 -m sparse_llm.kernels.bench training ;;
     models)  step bench_models python3 -m sparse_llm.study.bench_model --models ${MODELS:-0p5b 1b 1p5b 2b} \
