@@ -102,13 +102,23 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float) -> dic
             "overrides": overrides, "train_tokens_per_s": train_tokens / train_s,
             "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "train_mj_per_token": marks[warmup + steps][1] / train_tokens if meter else None,
-            "mfu": last.get("perf/mfu_dense_equiv"), "active_per_token": last.get("sparsity/active_per_token/mean"),
+            "mfu": _mfu(train_tokens / train_s, cfg, world.device),
+            "active_per_token": last.get("sparsity/active_per_token/mean"),
             "calibrated_active": layer_active,
         }
         result.update(_time_forward(trainer.model, cfg, world.device, meter))
         trainer.logger.close()
         shutdown()
     return result
+
+
+def _mfu(tokens_per_s: float, cfg, device) -> float | None:
+    """Dense-equivalent model FLOP/s over the device's bf16 peak, for the timed steps only."""
+    from sparse_llm.model.flops import flops_per_token
+    from sparse_llm.train.telemetry import lookup_peak_tflops
+
+    peak, _ = lookup_peak_tflops(torch.cuda.get_device_name(device), cfg.hardware)
+    return tokens_per_s * flops_per_token(cfg.model, cfg.sparsity.ffn) / (peak * 1e12) if peak else None
 
 
 @torch.no_grad()
