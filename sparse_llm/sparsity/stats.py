@@ -12,7 +12,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from sparse_llm.kernels.hybrid import DEFAULT_ELL_WIDTH
 from sparse_llm.kernels.reference import STATS_TILE
+from sparse_llm.kernels.twell_reference import DEFAULT_SLOTS, DEFAULT_TILE
 from sparse_llm.model.ffn import FFNStats
 
 PER_LAYER = ("active_per_token", "active_frac", "l1_per_token", "dead_frac",
@@ -70,7 +72,19 @@ class SparsityStats:
                         f"sparsity/{key}/max": max(values)})
         out["sparsity/active_max_any_layer"] = max(layer["active_max"] for layer in per_layer)
         out["sparsity/worst_tile"] = max(layer["worst_tile"] for layer in per_layer)
+        out.update(_overflow_metrics(active_hist, tile_hist))
         return out
+
+
+def _overflow_metrics(active_hist: torch.Tensor, tile_hist: torch.Tensor) -> dict[str, float]:
+    """Rows (token x layer) past the kernels' packed formats over the interval, whatever the kernel
+    mode: past the hybrid ELL width (their extra pairs come from the dense backup), and with a
+    256-wide tile past TwELL's slots (that tile is read from the dense gate row). Exact either way:
+    these say how much of the work takes the slower exact path."""
+    out = {"kernel/overflow_rows": float(active_hist[:, DEFAULT_ELL_WIDTH + 1:].sum())}
+    if DEFAULT_TILE == STATS_TILE:
+        out["kernel/twell_overflow_rows"] = float(tile_hist[:, DEFAULT_SLOTS + 1:].sum())
+    return out
 
 
 def _percentile(hist: torch.Tensor, q: float) -> float:

@@ -94,3 +94,19 @@ def test_l1_term_definition():
     torch.testing.assert_close(parts.l1_term, (0.1 * mean_l1).detach())
     ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 50), tokens[:, 1:].reshape(-1))
     torch.testing.assert_close(parts.total, ce + 0.1 * mean_l1)
+
+
+def test_overflow_rows_count_tokens_past_the_packed_formats():
+    from sparse_llm.kernels.hybrid import DEFAULT_ELL_WIDTH
+    from sparse_llm.kernels.twell_reference import DEFAULT_SLOTS
+
+    stats = SparsityStats(n_layers=1, d_ff=1024, device=torch.device("cpu"))
+    h = torch.zeros(5, 1024)
+    h[0, : DEFAULT_ELL_WIDTH + 1] = 1.0    # past the ELL width, spread over tiles: 129 actives, tile 0 full
+    h[1, :DEFAULT_ELL_WIDTH] = 1.0         # exactly at the width: not an overflow
+    h[2, 300:300 + DEFAULT_SLOTS + 1] = 1.0  # one tile one past TwELL's slots
+    out = {}
+    stats.update([stats_of(h)])
+    out = stats.summarize()
+    assert out["kernel/overflow_rows"] == 1
+    assert out["kernel/twell_overflow_rows"] == 3  # rows 0 and 1 fill tile 0 past 32 slots too, row 2 tile 1
