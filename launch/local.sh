@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train on this machine with every visible GPU (or one CPU process):
 #   launch/local.sh model=1b sparsity.l1=1e-4
-# NPROC overrides the process count (e.g. NPROC=2 for two CPU processes on gloo).
+# NPROC overrides the process count (e.g. NPROC=2 for two CPU processes on gloo); LOG_DIR the
+# folder of the per-rank logs (default logs/local).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${NPROC:-}" ]]; then
@@ -10,4 +11,6 @@ fi
 if [[ "$NPROC" == 1 ]]; then
   exec python train.py "$@"
 fi
-exec torchrun --standalone --nproc-per-node "$NPROC" train.py "$@"
+# every rank's output also goes to its own file under $LOG_DIR/<run id>/
+exec torchrun --standalone --nproc-per-node "$NPROC" --log-dir "${LOG_DIR:-logs/local}" --redirects 3 --tee 3 \
+  train.py "$@"
