@@ -1,5 +1,4 @@
 """Preemption, wall-clock budget, non-finite steps and corrupt checkpoints."""
-import json
 import os
 import signal
 

@@ -13,7 +13,7 @@ SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=
 
 
 def run_train(tmp_path, corpus, *extra, name="run"):
-    args = SMALL + [f"data=shards", f"data.path={corpus.parent}", f"output_dir={tmp_path}", f"run_name={name}", *extra]
+    args = SMALL + ["data=shards", f"data.path={corpus.parent}", f"output_dir={tmp_path}", f"run_name={name}", *extra]
     code = train.main(args)
     return code, tmp_path / name
 

@@ -3,7 +3,6 @@ same data, same initialization, bf16. The loss curves must agree to bf16 noise."
 import json
 
 import pytest
-import torch
 
 import train
 from sparse_llm.config import validate
