@@ -1,7 +1,8 @@
 """The training loop: gradient accumulation, clipping, schedules, periodic eval, logging, checkpoints.
 
-Everything that must survive a restart is in `state_dict()`; the loop reads device values back to
-the host only at log, eval and checkpoint steps.
+Everything that must survive a restart is in the checkpoint: model, optimizer and RNG (handled by
+sparse_llm.train.checkpoint) plus `extra_state()` (step, data cursor, callbacks). The loop reads
+device values back to the host only at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
