@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: build (NVRTC) and test the kernels, benchmark them against dense
 # PyTorch, benchmark whole models, and run short real trainings. Logs go to $OUT (or ./gpu_out).
-#   launch/gpu_check.sh [tests] [kernels] [models] [train]     (default: all four)
-# MODELS (default "0p5b 1b 1p5b 2b") picks the scales of the whole-model benchmark.
+#   launch/gpu_check.sh [tests] [kernels] [models] [train] [ncu]   (default: the first four)
+# MODELS (default "0p5b 1b 1p5b 2b") picks the scales of the whole-model benchmark;
+# INFERENCE_ARGS / TRAINING_ARGS add options to the kernel benchmarks (e.g. --sweep);
+# ncu profiles the hybrid kernels with Nsight Compute (clocks left as they are).
 # On the lent GPU machine, carry .whl (hydra, omegaconf, wandb wheels) and data/cache/default.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +31,13 @@ python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy._
 for section in "${sections[@]}"; do
   case $section in
     tests)   step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -s ;;
-    kernels) step bench_inference python3 -m sparse_llm.kernels.bench inference
-             step bench_training python3 -m sparse_llm.kernels.bench training ;;
+    kernels) step bench_inference python3 -m sparse_llm.kernels.bench inference --json "$OUT/bench_inference.json" \
+               ${INFERENCE_ARGS:-}
+             step bench_training python3 -m sparse_llm.kernels.bench training --profile --json "$OUT/bench_training.json" \
+               ${TRAINING_ARGS:-} ;;
+    ncu)     step ncu_hybrid ncu --clock-control none -k regex:'hy_(forward|dw|dx)' -c 6 --section SpeedOfLight \
+               --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+               python3 kernels/hybrid_ncu_case.py ;;
     models)  step bench_models python3 -m sparse_llm.study.bench_model --models ${MODELS:-0p5b 1b 1p5b 2b} \
                --variants dense sparse_kernel --json "$OUT/bench_models.json"
              step bench_dense_1b_compiled python3 -m sparse_llm.study.bench_model --models 1b --variants dense \
@@ -40,7 +47,7 @@ for section in "${sections[@]}"; do
                sparsity.l1=1e-3 output_dir="$runs" run_name=small-l1 checkpoint.interval=100
              step plots python3 -m sparse_llm.plots "$runs/small-l1"
              tar -cf "$OUT/small_run.tar" -C "$runs/small-l1" metrics.jsonl plots ;;
-    *) echo "unknown section $section (tests, kernels, models, train)"; status=1 ;;
+    *) echo "unknown section $section (tests, kernels, models, train, ncu)"; status=1 ;;
   esac
 done
 exit $status
