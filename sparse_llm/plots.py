@@ -57,7 +57,8 @@ def layer_count(records: list[dict[str, Any]]) -> int:
     return max(layers) + 1 if layers else 0
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or an ImportError that says how to install it."""
     try:
         import matplotlib
     except ImportError as error:
@@ -72,7 +73,7 @@ def plot_run(run_dir: Path, out_dir: Optional[Path] = None) -> list[Path]:
     """Draw every plot the run's metrics allow; returns the PNG paths written."""
     run_dir = Path(run_dir)
     records = load_metrics(run_dir)
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
