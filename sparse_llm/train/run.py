@@ -147,7 +147,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
                              fused=device.type == "cuda")
 
 
+def check_kernel_runtime(kernel: str, device: torch.device) -> None:
+    """The CUDA kernels need CuPy on GPU machines; say so before anything is built or written."""
+    if kernel == "torch" or device.type != "cuda":
+        return
+    try:
+        import cupy  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"kernel={kernel} needs CuPy on GPU machines ({error}); install it with "
+                          f"pip install -e \".[gpu]\" (CUDA 12) or \".[gpu-cu13]\" (CUDA 13), or use kernel=torch") from error
+
+
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
+    check_kernel_runtime(cfg.kernel.name, world.device)
     grad_accum = grad_accumulation_steps(cfg, world.size)
     run_dir = prepare_run_dir(cfg, world)
     train_loader, val_loader = build_loaders(cfg, world)

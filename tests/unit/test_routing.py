@@ -59,3 +59,25 @@ def test_cpu_calls_always_use_the_reference():
     ffn = Transformer(cfg, kernel="auto").blocks[0].ffn
     ffn.route_training = ffn.route_inference = True
     assert ffn.kernel_for_call(torch.zeros(2, 32)) is None
+
+
+def test_kernels_without_cupy_on_a_gpu_is_a_clear_error(monkeypatch):
+    import builtins
+
+    import pytest
+
+    from sparse_llm.config import ConfigError
+    from sparse_llm.train.run import check_kernel_runtime
+
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy":
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(ConfigError, match=r"kernel=hybrid needs CuPy.*\.\[gpu\]"):
+        check_kernel_runtime("hybrid", torch.device("cuda", 0))
+    check_kernel_runtime("torch", torch.device("cuda", 0))   # the reference needs no CuPy
+    check_kernel_runtime("hybrid", torch.device("cpu"))      # CPU runs the reference
