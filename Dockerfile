@@ -2,15 +2,17 @@
 #   docker build -t sparse_llm .
 #   docker run --gpus all --ipc=host -v $PWD/runs:/opt/sparse_llm/runs sparse_llm model=small
 # Multi-GPU: docker run ... --entrypoint torchrun sparse_llm --standalone --nproc-per-node 8 train.py model=1b
-# The CUDA kernels are compiled by NVRTC on first use and cached in $CUPY_CACHE_DIR; mount it as a
-# volume to keep the cache across containers.
+# The CUDA kernels of the bundled model shapes are built for sm_90a (H100/H200) at build time, without a
+# GPU, into $SPARSE_LLM_KERNEL_CACHE; any other shape or GPU is compiled by NVRTC on first use and cached
+# in $CUPY_CACHE_DIR (mount it as a volume to keep it across containers).
 FROM nvidia/cuda:12.8.1-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1 \
-    CUPY_CACHE_DIR=/opt/cupy_cache
+    CUPY_CACHE_DIR=/opt/cupy_cache \
+    SPARSE_LLM_KERNEL_CACHE=/opt/sparse_llm_kernels
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -23,5 +25,6 @@ COPY sparse_llm ./sparse_llm
 COPY kernels ./kernels
 RUN python3 -m pip install --no-cache-dir -e ".[gpu,test]"
 COPY . .
+RUN python3 -m sparse_llm.kernels.warmup --arch sm_90a --models tiny small 125m 0p5b --ffn relu_gated relu
 
 ENTRYPOINT ["python3", "train.py"]

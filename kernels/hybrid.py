@@ -38,6 +38,10 @@ def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
     return min(width, max(d_ff, 1))
 
 
+def shape_supported(d_model: int, d_ff: int) -> bool:
+    return d_model % 256 == 0 and 256 <= d_model <= 4096 and d_ff % 32 == 0 and 0 < d_ff <= 65504
+
+
 def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor) -> bool:
     """Whether the CUDA kernels take these tensors (else the reference runs, on the same device)."""
     tensors = [t for t in (x, w_gate, w_up, w_down) if t is not None]
@@ -46,7 +50,7 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
     if x.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != x.dtype for t in tensors):
         return False
     d_model, d_ff = x.shape[1], w_up.shape[0]
-    if d_model % 256 or not 256 <= d_model <= 4096 or d_ff % 32 or d_ff == 0 or d_ff > 65504:
+    if not shape_supported(d_model, d_ff):
         return False
     if x.shape[0] >= 2**31 // max(d_model, d_ff):
         return False
@@ -59,13 +63,29 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_transpose", "hy_dw", "hy_dx", "hy_transpose16")
+
+
+def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
+    """The -D defines hybrid.cu is compiled with for kernel `name` (hy_transpose16 is shape-free)."""
+    if name == "hy_transpose16":
+        d_model, gated = 256, True
+    defines = dict(HY_D=d_model, HY_GATED=int(gated), HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
+    if name == "hy_forward" and FWD_MIN_BLOCKS != 1:
+        defines["HY_FWD_MINB"] = FWD_MIN_BLOCKS
+    return defines
+
+
+def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype) -> list[tuple[str, dict[str, int]]]:
+    """(source, defines) of every module a training step of this FFN shape compiles (for the warm-up)."""
+    variants = {tuple(sorted(kernel_defines(n, d_model, gated, dtype).items())) for n in KERNEL_NAMES}
+    return [(SOURCE, dict(v)) for v in sorted(variants)]
+
+
 def _kernel(name: str, device, d_model: int, gated: bool, dtype: torch.dtype):
     from sparse_llm.kernels.loader import get_kernel
 
-    minb = FWD_MIN_BLOCKS if name == "hy_forward" else 1
-    extra = {"HY_FWD_MINB": minb} if minb != 1 else {}
-    return get_kernel(SOURCE, name, device, HY_D=d_model, HY_GATED=int(gated),
-                      HY_DTYPE=0 if dtype == torch.bfloat16 else 1, **extra)
+    return get_kernel(SOURCE, name, device, **kernel_defines(name, d_model, gated, dtype))
 
 
 def _c(t: Tensor) -> Tensor:

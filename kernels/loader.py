@@ -1,15 +1,21 @@
 """Run-time compilation of the CUDA sources in kernels/cuda through CuPy (NVRTC), and launches on
 PyTorch's current stream.
 
-Compiled modules are cached twice: in-process per (device, source, defines), and on disk by CuPy
-in ``$CUPY_CACHE_DIR`` (default ``~/.cupy/kernel_cache``), so a second process start does not
-recompile.
+Compiled modules are cached in-process per (device, source, defines) and on disk by CuPy in
+``$CUPY_CACHE_DIR`` (default ``~/.cupy/kernel_cache``), so a second process start does not
+recompile. A module can also be built ahead of time, without a GPU, by
+``python -m sparse_llm.kernels.warmup`` (nvcc): its cubin in ``$SPARSE_LLM_KERNEL_CACHE`` (default
+``~/.cache/sparse_llm/kernels``), named by a hash of the sources, the defines and the arch, is loaded
+instead of compiling.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +45,38 @@ def source_text(name: str) -> str:
     return path.read_text()
 
 
+def kernel_cache_dir() -> Path:
+    return Path(os.environ.get("SPARSE_LLM_KERNEL_CACHE", "~/.cache/sparse_llm/kernels")).expanduser()
+
+
+def _define_items(defines) -> tuple[tuple[str, str], ...]:
+    items = defines.items() if isinstance(defines, dict) else defines
+    return tuple(sorted((str(k), str(v)) for k, v in items))
+
+
+def cubin_path(name: str, arch: str, defines) -> Path:
+    """Where the ahead-of-time cubin of (source, defines, arch) lives; the key covers every source
+    and header of kernels/cuda, so an edited kernel never loads a stale binary."""
+    digest = hashlib.sha256()
+    for path in sorted(CUDA_DIR.iterdir()):
+        if path.suffix in (".cu", ".cuh"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(f"{name}|{arch}|{_define_items(defines)}".encode())
+    return kernel_cache_dir() / f"{Path(name).stem}-{arch}-{digest.hexdigest()[:24]}.cubin"
+
+
 @functools.lru_cache(maxsize=None)
 def _module(device_index: int, name: str, defines: tuple[tuple[str, str], ...]):
     import cupy
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    options = ("-std=c++17", f"-arch={arch_flag(major, minor)}", f"-I{CUDA_DIR}")
-    options += tuple(f"-D{key}={value}" for key, value in defines)
+    arch = arch_flag(major, minor)
+    prebuilt = cubin_path(name, arch, defines)
     with cupy.cuda.Device(device_index):
+        if prebuilt.is_file():
+            return cupy.RawModule(path=str(prebuilt))
+        options = ("-std=c++17", f"-arch={arch}", f"-I{CUDA_DIR}")
+        options += tuple(f"-D{key}={value}" for key, value in defines)
         return cupy.RawModule(code=source_text(name), options=options, name_expressions=None)
 
 
@@ -96,19 +126,39 @@ def _cupy_stream(stream: torch.cuda.Stream):
     return view
 
 
+def _nvcc_command(name: str, arch: str, defines, output: str) -> list[str]:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found on PATH; install the CUDA toolkit to compile kernels ahead of time")
+    gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"
+    cmd = [nvcc, "-cubin", "-std=c++17", gencode, "-Xptxas", "-v", f"-I{CUDA_DIR}", "-o", output]
+    cmd += [f"-D{k}={v}" for k, v in _define_items(defines or {})]
+    return cmd + [str(CUDA_DIR / name)]
+
+
+def _run_nvcc(cmd: list[str], name: str, arch: str) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvcc failed on kernels/cuda/{name} for {arch}:\n{result.stderr}")
+    return result.stderr
+
+
 def nvcc_compile_check(name: str, arch: str = "sm_90a", defines: dict | None = None) -> str:
     """Compile a source to a cubin with nvcc (no GPU needed); returns the ptxas resource report.
 
     Used by CI so that a kernel that does not compile fails without a GPU.
     """
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise FileNotFoundError("nvcc not found on PATH; install the CUDA toolkit to compile-check kernels")
-    gencode = f"-gencode=arch=compute_{arch[3:]},code={arch}"
-    cmd = [nvcc, "-cubin", "-std=c++17", gencode, "-Xptxas", "-v", f"-I{CUDA_DIR}", "-o", "/dev/null"]
-    cmd += [f"-D{k}={v}" for k, v in (defines or {}).items()]
-    cmd.append(str(CUDA_DIR / name))
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"nvcc failed on kernels/cuda/{name} for {arch}:\n{result.stderr}")
-    return result.stderr
+    return _run_nvcc(_nvcc_command(name, arch, defines, "/dev/null"), name, arch)
+
+
+def compile_cubin(name: str, arch: str, defines) -> Path:
+    """Build the cubin that `get_kernel` will load for (name, arch, defines), with nvcc and no GPU."""
+    target = cubin_path(name, arch, defines)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        _run_nvcc(_nvcc_command(name, arch, defines, str(partial)), name, arch)
+        os.replace(partial, target)
+    return target

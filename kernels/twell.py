@@ -163,6 +163,16 @@ def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch
                 TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch)
 
 
+def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype) -> list[tuple[str, dict[str, int]]]:
+    """(source, defines) of the modules an inference forward of this FFN shape compiles with the
+    default tile, slots and launch configuration (for the ahead-of-time warm-up)."""
+    _check_shapes(d_model, torch.empty(d_ff, d_model, device="meta") if gated else None,
+                  torch.empty(d_ff, d_model, device="meta"), torch.empty(d_ff, d_model, device="meta"),
+                  DEFAULT_TILE, DEFAULT_SLOTS)
+    return [("twell_pack.cu", pack_defines(DEFAULT_TILE, DEFAULT_SLOTS, dtype, current_config().pack_unroll)),
+            ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype))]
+
+
 def pack_defines(tile: int, slots: int, dtype: torch.dtype, unroll: int = 4) -> dict[str, int]:
     return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=unroll)
 
