@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,14 +63,15 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
-def run_one(overrides: list[str], steps: int, warmup: int, active: float) -> dict:
+def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: str | None = None) -> dict:
     from sparse_llm.config import compose_config, validate
     from sparse_llm.parallel.distributed import init_distributed, shutdown
     from sparse_llm.train.energy import EnergyMeter, EnergyUnavailable, nvml_energy_reader
     from sparse_llm.train.run import build_trainer
     from sparse_llm.train.trainer import Callback
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = keep or scratch  # --keep DIR keeps the run directory (profiler traces, metrics)
         cfg = compose_config(overrides + [
             "data=synthetic", "eval_batches=0", "logging.wandb.mode=disabled", "checkpoint.resume=false",
             f"output_dir={tmp}", f"max_steps={warmup + steps}", "checkpoint.interval=1000000",
@@ -152,17 +154,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--active", type=float, default=29.0, help="mean active units per token (sparse variants)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--keep", help="keep each run directory under this folder (e.g. with telemetry.profile_steps=3)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write all results to this file")
     args, overrides = parser.parse_known_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(overrides, args.steps, args.warmup, args.active)), flush=True)
+        print("RESULT " + json.dumps(run_one(overrides, args.steps, args.warmup, args.active, args.keep)), flush=True)
         return
     rows = []
     for model in args.models:
         for variant in args.variants:
             cmd = [sys.executable, "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}",
                    f"--warmup={args.warmup}", f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
+            if args.keep:
+                cmd.append(f"--keep={Path(args.keep) / f'{model}-{variant}'}")
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
