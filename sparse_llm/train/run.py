@@ -161,8 +161,8 @@ def check_kernel_runtime(kernel: str, device: torch.device) -> None:
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
     check_kernel_runtime(cfg.kernel.name, world.device)
     grad_accum = grad_accumulation_steps(cfg, world.size)
+    train_loader, val_loader = build_loaders(cfg, world)  # bad data fails before the run directory exists
     run_dir = prepare_run_dir(cfg, world)
-    train_loader, val_loader = build_loaders(cfg, world)
     model = build_model(cfg, world)
     optimizer = build_optimizer(model, cfg, world.device)
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)

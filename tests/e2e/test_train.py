@@ -83,9 +83,11 @@ def test_bad_config_is_one_clear_line(tmp_path, tiny_corpus, capsys, overrides, 
 
 
 def test_missing_shards_dir_is_a_clear_error(tmp_path, capsys):
-    code = train.main(SMALL + ["data=shards", f"data.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path}"])
+    code = train.main(SMALL + ["data=shards", f"data.path={tmp_path / 'nowhere'}", f"output_dir={tmp_path}",
+                               "run_name=bad"])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written for a run that could not start
 
 
 def test_train_script_is_at_the_repo_root():
