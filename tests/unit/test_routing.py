@@ -22,7 +22,24 @@ def output_with_active(n_layers, d_ff, active_per_token, tokens=64):
     return ModelOutput(torch.zeros(1), stats)
 
 
-def test_layers_switch_with_hysteresis_at_log_steps():
+def test_auto_trains_on_the_dense_path_until_a_whole_model_gain_is_measured():
+    from sparse_llm.train import routing
+
+    assert routing.AUTO_TRAINS_ON_HYBRID is False
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
+    model = Transformer(cfg, kernel="auto")
+    callback = KernelRouting(cfg.d_model, cfg.d_ff)
+    callback.on_fit_start(FakeTrainer(model))
+    for _ in range(200):
+        callback.on_micro_batch_end(None, output_with_active(1, 1000, [2]))
+    callback.on_step_end(None, 1, {})
+    assert callback.ffns[0].route_inference and not callback.ffns[0].route_training
+
+
+def test_layers_switch_with_hysteresis_at_log_steps(monkeypatch):
+    from sparse_llm.train import routing
+
+    monkeypatch.setattr(routing, "AUTO_TRAINS_ON_HYBRID", True)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
     model = Transformer(cfg, kernel="auto")
     routing = KernelRouting(cfg.d_model, cfg.d_ff)
