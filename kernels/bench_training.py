@@ -116,6 +116,19 @@ def run_case(name, s, args, compiled, flush, c_l1):
                 overflow_pairs=over, kb_per_pair=per_pair / 1024, gather_tb_s=rate)
 
 
+def _kernel_ms(step, kernel: str, warmup: int = 3, repeats: int = 5) -> float:
+    """Mean device time (ms) per call of `step` spent in the CUDA kernel named `kernel`."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    total = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages() if e.key == kernel)
+    return total / repeats / 1000
+
+
 def profile_case(s, args, name):
     leaves = [t.detach().requires_grad_() for t in (s.x, s.w_gate, s.w_up, s.w_down)]
     dy = torch.randn_like(s.x)
@@ -130,29 +143,12 @@ def profile_case(s, args, name):
     if args.dw_chunks:  # time hy_dw alone for each token-chunk size
         for chunk in [int(v) for v in args.dw_chunks.split(",")]:
             hybrid.DW_CHUNK_TOKENS = chunk
-            for _ in range(3):
-                ours()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    ours()
-                torch.cuda.synchronize()
-            tot = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages() if e.key == "hy_dw")
-            print(f"  hy_dw with DW_CHUNK_TOKENS={chunk}: {tot / 5 / 1000:.3f} ms per backward", flush=True)
+            print(f"  hy_dw with DW_CHUNK_TOKENS={chunk}: {_kernel_ms(ours, 'hy_dw'):.3f} ms per backward", flush=True)
         hybrid.DW_CHUNK_TOKENS = args.dw_chunk_default
     if args.fwd_minb:  # time hy_forward alone for each register cap
         for mb in [int(v) for v in args.fwd_minb.split(",")]:
             hybrid.FWD_MIN_BLOCKS = mb
-            for _ in range(3):
-                ours()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    ours()
-                torch.cuda.synchronize()
-            tot = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages()
-                      if e.key == "hy_forward")
-            print(f"  hy_forward with FWD_MIN_BLOCKS={mb}: {tot / 5 / 1000:.3f} ms", flush=True)
+            print(f"  hy_forward with FWD_MIN_BLOCKS={mb}: {_kernel_ms(ours, 'hy_forward'):.3f} ms", flush=True)
         hybrid.FWD_MIN_BLOCKS = 1
     for _ in range(3):
         ours()

@@ -16,6 +16,7 @@ from sparse_llm.kernels.hybrid import DEFAULT_ELL_WIDTH
 from sparse_llm.kernels.reference import STATS_TILE
 from sparse_llm.kernels.twell_reference import DEFAULT_SLOTS, DEFAULT_TILE
 from sparse_llm.model.ffn import FFNStats
+from sparse_llm.parallel.distributed import all_reduce_sum
 
 PER_LAYER = ("active_per_token", "active_frac", "l1_per_token", "dead_frac",
              "active_p50", "active_p99", "active_max", "worst_tile")
@@ -53,9 +54,7 @@ class SparsityStats:
         """Reduce over all ranks (one collective), return `sparsity/...` metrics, and reset."""
         buffers = self._buffers()
         flat = torch.cat([b.flatten() for b in buffers])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat = flat.cpu()
+        flat = all_reduce_sum(flat, group).cpu()
         for b in buffers:
             b.zero_()
         tokens = flat[0].item()

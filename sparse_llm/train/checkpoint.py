@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from sparse_llm.parallel.distributed import barrier, rank
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
@@ -30,15 +31,6 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:08d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def list_complete(run_dir: Path, warn: bool = False) -> list[Path]:
@@ -73,22 +65,22 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     """Collective: every rank calls it. `extra` must be identical on all ranks (trainer, data state)."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "extra": extra, _rng_key(_rank()): _rng_state(device)}
+    state = {"model": model_state, "optim": optim_state, "extra": extra, _rng_key(rank()): _rng_state(device)}
     dcp.save(state, checkpoint_id=str(tmp))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         (tmp / COMPLETE).write_text(f"{step}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_complete(run_dir)[:-keep_latest]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -96,7 +88,7 @@ def _load(path: Path, model, optimizer, extra_template: dict[str, Any], device: 
     model_state, optim_state = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_state, "optim": optim_state, "extra": extra_template}
     saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    rng_key = _rng_key(_rank())
+    rng_key = _rng_key(rank())
     same_rank_saved = any(key.startswith(rng_key + ".") for key in saved_keys)
     if same_rank_saved:
         state[rng_key] = _rng_state(device)

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from sparse_llm.config import ConfigError, TrainConfig, grad_accumulation_steps
 from sparse_llm.data import TokenLoader, ensure_default_corpus, load_manifest
 from sparse_llm.data.synthetic import SyntheticLoader
 from sparse_llm.model import Transformer, count_params
-from sparse_llm.parallel.distributed import World
+from sparse_llm.parallel.distributed import World, barrier
 from sparse_llm.parallel.fsdp import apply_parallelism, build_mesh
 from sparse_llm.train import checkpoint
 from sparse_llm.train.loggers import build_logger
@@ -30,11 +29,6 @@ from sparse_llm.train.trainer import Trainer
 log = logging.getLogger("sparse_llm")
 # config sections a resumed run must share with the checkpoint it continues
 ARCHITECTURE_KEYS = ("model", "sparsity.ffn")
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
