@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: build (NVRTC) and test the kernels, benchmark them against dense
 # PyTorch, benchmark whole models, and run short real trainings. Logs go to $OUT (or ./gpu_out).
-#   launch/gpu_check.sh [tests] [kernels] [models] [train] [ncu]   (default: the first four)
+#   launch/gpu_check.sh [tests] [kernels] [models] [train] [ncu] [multi] [multi_bench]
+# (default: the first four). TESTS narrows the pytest run (e.g. tests/gpu/test_kernel_cache_gpu.py);
 # MODELS (default "0p5b 1b 1p5b 2b") picks the scales of the whole-model benchmark;
+# multi runs the multi-GPU checks (loss parity 1 vs N GPUs, kill and resume, resume onto one GPU,
+# reduced statistics) and multi_bench the whole-model benchmark of MULTI_MODELS (default 1b) on 1
+# and N GPUs, N = GPUS (default: every visible GPU);
 # INFERENCE_ARGS / TRAINING_ARGS add options to the kernel benchmarks (e.g. --sweep);
 # ncu profiles the hybrid kernels with Nsight Compute (clocks left as they are).
 # On the lent GPU machine, carry .whl (hydra, omegaconf, wandb wheels) and data/cache/default.
@@ -11,6 +15,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site:${PYTHONPATH:-}" WANDB_MODE=offline
+# NVLink multicast stays off on the lent machines (it can take shared GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [[ -d .whl ]] && ! python3 -c "import hydra, wandb" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
@@ -30,7 +36,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,power.draw --f
 python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
 for section in "${sections[@]}"; do
   case $section in
-    tests)   step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -s ;;
+    tests)   step gpu_tests python3 -m pytest -m gpu -q -p no:cacheprovider -s ${TESTS:-} ;;
     kernels) step bench_inference python3 -m sparse_llm.kernels.bench inference --json "$OUT/bench_inference.json" \
                ${INFERENCE_ARGS:-}
              step bench_training python3 -m sparse_llm.kernels.bench training --profile --json "$OUT/bench_training.json" \
@@ -47,7 +53,11 @@ for section in "${sections[@]}"; do
                sparsity.l1=1e-3 output_dir="$runs" run_name=small-l1 checkpoint.interval=100
              step plots python3 -m sparse_llm.plots "$runs/small-l1"
              tar -cf "$OUT/small_run.tar" -C "$runs/small-l1" metrics.jsonl plots ;;
-    *) echo "unknown section $section (tests, kernels, models, train, ncu)"; status=1 ;;
+    multi)   step multi_gpu python3 -m sparse_llm.study.multi_gpu --gpus "${GPUS:-$(nvidia-smi -L | wc -l)}" \
+               --root "${RUNS_DIR:-/tmp/gpu_check_runs}/multi_gpu" --json "$OUT/multi_gpu.json" ;;
+    multi_bench) step bench_models_multi python3 -m sparse_llm.study.bench_model --models ${MULTI_MODELS:-1b} \
+               --variants dense sparse_kernel --gpus 1 "${GPUS:-$(nvidia-smi -L | wc -l)}" --json "$OUT/bench_models_multi.json" ;;
+    *) echo "unknown section $section (tests, kernels, models, train, ncu, multi, multi_bench)"; status=1 ;;
   esac
 done
 exit $status

@@ -1,7 +1,11 @@
 """Whole-model benchmark, dense vs sparse, measured in one run on one GPU:
 training step (tokens/s/GPU, MFU, peak memory, energy per token) and inference forward.
 
-    python -m sparse_llm.study.bench_model --models 0p5b 1b --active 29 [--steps 20] [override ...]
+    python -m sparse_llm.study.bench_model --models 0p5b 1b --active 29 [--steps 20] [--gpus 1 2] [override ...]
+
+With `--gpus 1 2` each configuration also runs under torchrun on 2 GPUs (FSDP2, one micro-batch
+per GPU a step): tokens/s/GPU, scaling efficiency against one GPU, peak memory of the fullest GPU,
+and energy per token summed over all GPUs.
 
 Until trained sparse models exist, the sparse model's FFN gates are given a controlled sparsity
 (DESIGN.md section 11, adapted to a whole model): embedding channel 0 is set to a constant, which
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -99,19 +104,34 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
         torch.cuda.reset_peak_memory_stats()
         last = trainer.fit()
         train_s = marks[warmup + steps][0] - marks[warmup][0]
-        train_tokens = steps * cfg.tokens_per_step
+        train_tokens = steps * cfg.tokens_per_step  # all GPUs
+        train_mj = _sum_over_ranks(marks[warmup + steps][1], world.device)
         result = {
-            "overrides": overrides, "train_tokens_per_s": train_tokens / train_s,
-            "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "train_mj_per_token": marks[warmup + steps][1] / train_tokens if meter else None,
-            "mfu": _mfu(train_tokens / train_s, cfg, world.device),
+            "overrides": overrides, "gpus": world.size, "train_tokens_per_s": train_tokens / train_s / world.size,
+            "train_peak_gib": _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30, world.device),
+            "train_mj_per_token": train_mj / train_tokens if meter else None,
+            "mfu": _mfu(train_tokens / train_s / world.size, cfg, world.device),
             "active_per_token": last.get("sparsity/active_per_token/mean"),
             "calibrated_active": layer_active,
         }
-        result.update(_time_forward(trainer.model, cfg, world.device, meter))
+        result.update(_time_forward(trainer.model, cfg, world, meter))
         trainer.logger.close()
         shutdown()
     return result
+
+
+def _sum_over_ranks(value: float, device) -> float:
+    from sparse_llm.parallel.distributed import all_reduce_sum
+
+    return float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64, device=device)).item())
+
+
+def _max_over_ranks(value: float, device) -> float:
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _mfu(tokens_per_s: float, cfg, device) -> float | None:
@@ -124,14 +144,16 @@ def _mfu(tokens_per_s: float, cfg, device) -> float | None:
 
 
 @torch.no_grad()
-def _time_forward(model, cfg, device, meter, repeats: int = 10) -> dict:
-    """Inference forward at batch micro_batch_size x seq_len (TwELL where the kernel mode is sparse)."""
+def _time_forward(model, cfg, world, meter, repeats: int = 10) -> dict:
+    """Inference forward at batch micro_batch_size x seq_len per GPU (TwELL where the kernel mode is
+    sparse): tokens/s per GPU, energy per token summed over GPUs."""
     from sparse_llm.model.ffn import FeedForward
 
     for module in model.modules():
         if isinstance(module, FeedForward) and module.kernel != "torch":
             module.kernel = "twell"
     model.eval()
+    device = world.device
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.model.seq_len), device=device)
     for _ in range(3):
         model(tokens)
@@ -144,7 +166,8 @@ def _time_forward(model, cfg, device, meter, repeats: int = 10) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     n = repeats * tokens.numel()
-    return {"forward_tokens_per_s": n / seconds, "forward_mj_per_token": meter.delta_mj() / n if meter else None}
+    mj = _sum_over_ranks(meter.delta_mj(), device) if meter else None
+    return {"forward_tokens_per_s": n / seconds, "forward_mj_per_token": mj / (n * world.size) if meter else None}
 
 
 def main(argv: list[str]) -> None:
@@ -154,38 +177,63 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--active", type=float, default=29.0, help="mean active units per token (sparse variants)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run each configuration on")
     parser.add_argument("--keep", help="keep each run directory under this folder (e.g. with telemetry.profile_steps=3)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write all results to this file")
     args, overrides = parser.parse_known_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(overrides, args.steps, args.warmup, args.active, args.keep)), flush=True)
+        result = run_one(overrides, args.steps, args.warmup, args.active, args.keep)
+        if os.environ.get("RANK", "0") == "0":
+            print("RESULT " + json.dumps(result), flush=True)
         return
     rows = []
     for model in args.models:
         for variant in args.variants:
-            cmd = [sys.executable, "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}",
-                   f"--warmup={args.warmup}", f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
-            if args.keep:
-                cmd.append(f"--keep={Path(args.keep) / f'{model}-{variant}'}")
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                print(f"{model} {variant}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            rows.append({"model": model, "variant": variant, **json.loads(lines[-1][7:])})
-            print(_row_text(rows[-1], rows), flush=True)
+            for gpus in args.gpus:
+                row = _run_configuration(model, variant, gpus, args, overrides)
+                if row:
+                    rows.append(row)
+                    print(_row_text(row, rows), flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)
 
 
+def _run_configuration(model: str, variant: str, gpus: int, args, overrides: list[str]) -> dict | None:
+    """One configuration in its own process (or torchrun world): clean memory statistics."""
+    from sparse_llm.study.multi_gpu import MULTICAST_OFF
+
+    launcher = [sys.executable] if gpus == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+    cmd = [*launcher, "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}", f"--warmup={args.warmup}",
+           f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
+    if args.keep:
+        cmd.append(f"--keep={Path(args.keep) / f'{model}-{variant}-{gpus}gpu'}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MULTICAST_OFF})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(f"{model} {variant} {gpus} GPU(s): failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return {"model": model, "variant": variant, **json.loads(lines[-1][7:])}
+
+
 def _row_text(row: dict, rows: list[dict]) -> str:
-    dense = next((r for r in rows if r["model"] == row["model"] and r["variant"] == "dense"), None)
+    """One result line: ratios against the dense row of the same model and GPU count; with several
+    GPUs, the scaling efficiency (tokens/s/GPU against the same configuration on one GPU)."""
+    gpus = row.get("gpus", 1)
+    same = lambda variant, n: next((r for r in rows if r["model"] == row["model"] and r["variant"] == variant  # noqa: E731
+                                    and r.get("gpus", 1) == n), None)
+    dense = same("dense", gpus)
     ratio = lambda key: f"{row[key] / dense[key]:.3f}x" if dense and row.get(key) and dense.get(key) else "-"  # noqa: E731
     energy = row.get("forward_mj_per_token")
-    return (f"{row['model']:>5} {row['variant']:>13} | train {row['train_tokens_per_s']:>9.0f} tok/s ({ratio('train_tokens_per_s')}) "
-            f"peak {row['train_peak_gib']:5.1f} GiB ({ratio('train_peak_gib')}) "
+    single = same(row["variant"], 1) if gpus > 1 else None
+    scaling = f" scaling {row['train_tokens_per_s'] / single['train_tokens_per_s']:.1%}" if single else ""
+    train_energy = row.get("train_mj_per_token")
+    train_energy_text = "" if train_energy is None else f"{train_energy:.3f} mJ/tok ({ratio('train_mj_per_token')}) "
+    return (f"{row['model']:>5} {row['variant']:>13} {gpus}gpu | train {row['train_tokens_per_s']:>9.0f} tok/s/gpu "
+            f"({ratio('train_tokens_per_s')}){scaling} "
+            f"peak {row['train_peak_gib']:5.1f} GiB ({ratio('train_peak_gib')}) {train_energy_text}"
             f"mfu {row['mfu'] or 0:.3f} active {row['active_per_token'] or 0:.1f} | forward "
             f"{row['forward_tokens_per_s']:>9.0f} tok/s ({ratio('forward_tokens_per_s')}) "
             f"{'' if energy is None else f'{energy:.3f} mJ/tok'} ({ratio('forward_mj_per_token')})")
