@@ -197,3 +197,23 @@ def test_dw_token_chunks(chunk):
         check_case(*make_inputs(300, 256, 512, torch.bfloat16, gated=False, mean_active=10), width=4)
     finally:
         hybrid.DW_CHUNK_TOKENS = saved
+
+
+@pytest.mark.parametrize("d,f,n,mean_active", [(768, 2112, 16384, 600), (768, 2112, 16384, 1100),
+                                               (2048, 5632, 4096, 2600)])
+def test_training_regime(d, f, n, mean_active):
+    # the first steps of a sparse run from a fresh ReLU layer: a third to half of the units active,
+    # most pairs far past the ELL width, and (125m: d_ff 2112) a partial last 256-unit tile
+    from sparse_llm.kernels.hybrid import resolve_ell_width
+
+    width = resolve_ell_width(None, f)
+    x, wg, wu, wd, dy = make_inputs(n, d, f, torch.bfloat16, mean_active=mean_active)
+    check_case(x, wg, wu, wd, dy, width=width)
+    # the forward has no atomics on y: repeated calls on fresh (poisoned) memory are bit-identical
+    outputs = []
+    for _ in range(3):
+        poison_cache()
+        y, l1, tc, nc = hybrid_ffn(x, wg, wu, wd, ell_width=width)
+        outputs.append((y, tc, nc))
+    for y, tc, nc in outputs[1:]:
+        assert torch.equal(y, outputs[0][0]) and torch.equal(tc, outputs[0][1]) and torch.equal(nc, outputs[0][2])
