@@ -204,8 +204,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--sparse-kernel", default="hybrid", help="kernel of the sparse runs (torch on CPU)")
-    parser.add_argument("--l1", type=float, default=1e-4,
-                        help="sparsity.l1 of the sparse runs (much stronger makes 30 steps chaotic: units die by the hundred)")
+    parser.add_argument("--l1", type=float, default=1e-4, help="sparsity.l1 of the sparse runs")
+    parser.add_argument("--lr", type=float, default=3e-4,
+                        help="peak learning rate; the ReLU models spike at 1e-3 after a 5-step warm-up (the PyTorch "
+                             "path too), and a spike turns bf16 noise into different curves")
     parser.add_argument("--data", default="data/cache/default", help="prepared corpus (its vocabulary sizes the model)")
     parser.add_argument("--root", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -217,7 +219,7 @@ def main(argv: list[str]) -> int:
     base = [f"model={args.model}", f"model.vocab_size={vocab}", "data=shards", f"data.path={args.data}",
             f"max_steps={args.steps}", "logging.interval=1", "eval_batches=0", "logging.wandb.mode=disabled",
             f"checkpoint.interval={CHECKPOINT_INTERVAL}", "checkpoint.signal_check_interval=1",
-            "schedule.warmup_steps=5", *extra]
+            f"optim.lr={args.lr}", "schedule.warmup_steps=10", *extra]
     variants = {"dense": ["sparsity=dense", "kernel=torch"],
                 "sparse": ["sparsity=l1", f"sparsity.l1={args.l1}", f"kernel={args.sparse_kernel}"]}
     with tempfile.TemporaryDirectory() as scratch:
