@@ -31,7 +31,12 @@ from sparse_llm.data.manifest import load_manifest
 REPO = Path(__file__).resolve().parents[2]
 # NVLink multicast stays off on the lent machines (it can take shared GPUs out of service)
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-LOSS_RTOL = 2e-2  # bf16 noise over tens of steps; fp32 runs agree far closer
+# Two bf16 GPU runs of the same steps are not bit-identical (e.g. attention's backward accumulates
+# with atomics), and a loss spike amplifies that noise for a step or two: the curves must agree on
+# average and never drift apart, not at every step to a fixed digit.
+CURVE_MEAN_RTOL = 5e-3
+CURVE_MAX_RTOL = 5e-2
+REPLAY_RTOL = 1e-3  # the same checkpoint, the same batches, twice: only the nondeterministic kernels differ
 ACTIVE_ATOL = 2e-2  # per-layer active fraction
 CHECKPOINT_INTERVAL = 10
 
@@ -110,8 +115,17 @@ def last_step(run_dir: Path) -> int:
     return max(read_metrics(run_dir), default=0)
 
 
-def max_rel_diff(reference: dict[int, dict], other: dict[int, dict], key: str, steps) -> float:
-    return max(abs(other[s][key] - reference[s][key]) / abs(reference[s][key]) for s in steps)
+def loss_diff(reference: dict[int, dict], other: dict[int, dict], steps) -> dict[str, float]:
+    """Mean and max relative difference of the two runs' losses over `steps` (both must have them)."""
+    missing = [s for s in steps if s not in reference or s not in other]
+    if missing:
+        raise RuntimeError(f"steps {missing[:5]} were not logged by both runs")
+    diffs = [abs(other[s]["loss/ce"] - reference[s]["loss/ce"]) / abs(reference[s]["loss/ce"]) for s in steps]
+    return {"mean": sum(diffs) / len(diffs), "max": max(diffs)}
+
+
+def curves_agree(diff: dict[str, float]) -> bool:
+    return diff["mean"] < CURVE_MEAN_RTOL and diff["max"] < CURVE_MAX_RTOL
 
 
 def compare_stats(reference: dict[int, dict], other: dict[int, dict]) -> dict:
@@ -148,13 +162,13 @@ def check_parity(runner: Runner, variant: str, overrides: list[str], steps: int)
     reference, other = read_metrics(runner.root / one), read_metrics(runner.root / many)
     every = range(1, steps + 1)
     result = {
-        "max_loss_rel_diff": max_rel_diff(reference, other, "loss/ce", every),
+        "loss_rel_diff": loss_diff(reference, other, every),
         "first_last_loss": [reference[1]["loss/ce"], reference[steps]["loss/ce"], other[steps]["loss/ce"]],
         "tokens_per_s_per_gpu": [throughput(reference), throughput(other)],
         "curves": {one: curve(reference), many: curve(other)},
         **compare_stats(reference, other),
     }
-    result["passed"] = result["max_loss_rel_diff"] < LOSS_RTOL and result["max_active_frac_diff"] < ACTIVE_ATOL
+    result["passed"] = curves_agree(result["loss_rel_diff"]) and result["max_active_frac_diff"] < ACTIVE_ATOL
     return result
 
 
@@ -170,11 +184,11 @@ def check_kill_and_resume(runner: Runner, overrides: list[str], straight: str, s
     resumed_from = resumed_step(runner.root / f"{name}.log")
     resumed = read_metrics(runner.root / name)
     replayed = range(CHECKPOINT_INTERVAL + 1, killed_at + 1)  # computed before the kill and again after the resume
-    replay = max_rel_diff(before_kill, resumed, "loss/ce", replayed)
-    diff = max_rel_diff(read_metrics(runner.root / straight), resumed, "loss/ce", range(1, steps + 1))
-    return {"killed_after_step": killed_at, "resumed_from_step": resumed_from, "replayed_steps_max_loss_rel_diff": replay,
-            "max_loss_rel_diff": diff, "curve": curve(resumed),
-            "passed": diff < LOSS_RTOL and replay < LOSS_RTOL and resumed_from == CHECKPOINT_INTERVAL < killed_at}
+    replay = loss_diff(before_kill, resumed, replayed)
+    diff = loss_diff(read_metrics(runner.root / straight), resumed, range(1, steps + 1))
+    return {"killed_after_step": killed_at, "resumed_from_step": resumed_from, "replayed_steps_loss_rel_diff": replay,
+            "loss_rel_diff_vs_uninterrupted": diff, "curve": curve(resumed),
+            "passed": curves_agree(diff) and replay["max"] < REPLAY_RTOL and resumed_from == CHECKPOINT_INTERVAL < killed_at}
 
 
 def check_resume_onto_one(runner: Runner, overrides: list[str], straight: str, steps: int) -> dict:
@@ -189,11 +203,10 @@ def check_resume_onto_one(runner: Runner, overrides: list[str], straight: str, s
     stopped_at = last_step(runner.root / name)
     runner.run(name, 1, overrides)
     resumed_from = resumed_step(runner.root / f"{name}.log")
-    diff = max_rel_diff(read_metrics(runner.root / straight), read_metrics(runner.root / name), "loss/ce",
-                        range(1, steps + 1))
-    return {"stopped_at_step": stopped_at, "resumed_from_step": resumed_from, "max_loss_rel_diff": diff,
+    diff = loss_diff(read_metrics(runner.root / straight), read_metrics(runner.root / name), range(1, steps + 1))
+    return {"stopped_at_step": stopped_at, "resumed_from_step": resumed_from, "loss_rel_diff_vs_uninterrupted": diff,
             "curve": curve(read_metrics(runner.root / name)),
-            "passed": diff < LOSS_RTOL and resumed_from == stopped_at < steps}
+            "passed": curves_agree(diff) and resumed_from == stopped_at < steps}
 
 
 def main(argv: list[str]) -> int:

@@ -91,7 +91,10 @@ def check_case(x, wg, wu, wd, dy, width, c=0.05, tol=1e-2):
     assert (tc - tcr).abs().sum().item() <= max(2, 1e-3 * tcr.sum().item())
     # against the pure-PyTorch hybrid reference on the same inputs (same format, same math)
     out = ref.forward(x, wg, wu, wd, width)
-    assert torch.equal(tc, out[2]) and torch.equal(nc, out[3])
+    # active means h != 0: a pair whose u sums to exactly 0.0 in the kernel's order but not in
+    # cuBLAS's (or back) counts on one side only; seen about once in 10^7 active pairs
+    allowed = max(2, int(5e-7 * out[2].sum().item()))
+    assert (tc - out[2]).abs().sum().item() <= allowed and (nc - out[3]).abs().sum().item() <= allowed
     fwd = torch.ops.sparse_llm.hybrid_ffn_fwd(x, wg, wu, wd, width)
     assert torch.equal(fwd[4], out[4]), "row bitmask differs"
     assert torch.equal(fwd[5], out[5]), "tile prefix differs"
