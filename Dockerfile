@@ -5,6 +5,8 @@
 # The CUDA kernels of the bundled model shapes are built for sm_90a (H100/H200) at build time, without a
 # GPU, into $SPARSE_LLM_KERNEL_CACHE; any other shape or GPU is compiled by NVRTC on first use and cached
 # in $CUPY_CACHE_DIR (mount it as a volume to keep it across containers).
+# NVLink multicast (NVLS) is off as on the machines this was tested on; where the cluster allows it,
+# `docker run -e NCCL_NVLS_ENABLE=1 ...` turns it back on.
 FROM nvidia/cuda:12.8.1-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -12,7 +14,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     PYTHONUNBUFFERED=1 \
     CUPY_CACHE_DIR=/opt/cupy_cache \
-    SPARSE_LLM_KERNEL_CACHE=/opt/sparse_llm_kernels
+    SPARSE_LLM_KERNEL_CACHE=/opt/sparse_llm_kernels \
+    NCCL_NVLS_ENABLE=0 \
+    TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+    NVSHMEM_DISABLE_NVLS=1
 
 # hadolint ignore=DL3008
 RUN apt-get update \
