@@ -12,6 +12,7 @@ hysteresis, on the device; the host reads the decision only when it synchronises
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,9 +25,10 @@ DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
 _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 _DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
-# hy_dw processes the tokens in chunks of this many (x and dy rows of a chunk stay in L2), adding
-# float32 partial sums between chunks; 0 = one pass over all tokens.
-DW_CHUNK_TOKENS = 0
+# hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
+# several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
+# kernel's tail; the parts add float32 rows (order-dependent in the last bits).
+DW_SPLIT_TOKENS = 512
 # hy_forward's __launch_bounds__ min-blocks (1: 168 registers, 3 CTAs of 4 warps per SM).
 FWD_MIN_BLOCKS = 1
 
@@ -63,7 +65,8 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_transpose", "hy_dw", "hy_dx", "hy_transpose16")
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_transpose", "hy_dw", "hy_dw_zero", "hy_dw_finish", "hy_dx",
+                "hy_transpose16")
 
 
 def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
@@ -109,6 +112,15 @@ def _transpose16(t: Tensor) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _heavy_first(tprefix: Tensor) -> Tensor:
     """Token order for the warp-per-token kernels: rows with the most active units first (by the
     count before the last tile), so that a long row starts early instead of finishing last."""
@@ -149,7 +161,7 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
     return y, l1_tok.sum(), tile_counts, neuron_counts, mrow, tprefix, ell
 
 
-def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
+def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts):
     import numpy as np
 
     from sparse_llm.kernels.loader import ptr
@@ -175,17 +187,20 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
-    # token chunks whose x and dy rows fit in L2 together; float32 partial sums between chunks
-    chunk_words = max(1, DW_CHUNK_TOKENS // 32) if DW_CHUNK_TOKENS else max(wc, 1)
-    starts = list(range(0, wc, chunk_words)) or [0]
-    part = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev) if len(starts) > 1 else None
-    for i, w0 in enumerate(starts):
-        flags = (1 if i > 0 else 0) | (2 if i == len(starts) - 1 else 0)
-        launch(_kernel("hy_dw", dev, d_model, gated, dt), (d_ff,), (threads,),
-               (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-                ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(part),
-                i32(w0), i32(min(w0 + chunk_words, wc)), i32(flags), i32(n), i32(d_ff), i32(width)),
-               shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
+    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
+    split = DW_SPLIT_TOKENS
+    items = (neuron_counts.to(torch.int32) + (split - 1)).div_(split, rounding_mode="floor").clamp_min_(1)
+    item_start = torch.zeros(d_ff + 1, dtype=torch.int32, device=dev)
+    item_start[1:] = torch.cumsum(items, 0, dtype=torch.int32)
+    acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
+    launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
+    launch(_kernel("hy_dw", dev, d_model, gated, dt), (d_ff + 4 * _sm_count(dev),), (threads,),
+           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
+            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
+            ptr(acc), i32(split), i32(n), i32(d_ff), i32(width)),
+           shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
+    launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
+           (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:
         launch(_kernel("hy_dx", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
                (_FWD_WARPS * 32,),
@@ -225,11 +240,12 @@ def _(x, w_gate, w_up, w_down, ell_width):
 
 @torch.library.custom_op("sparse_llm::hybrid_ffn_bwd", mutates_args=())
 def hybrid_ffn_bwd(dy: Tensor, dl1: Tensor, x: Tensor, w_gate: Optional[Tensor], w_up: Tensor,
-                   w_down: Tensor, mrow: Tensor, tprefix: Tensor, ell: Tensor
+                   w_down: Tensor, mrow: Tensor, tprefix: Tensor, ell: Tensor, neuron_counts: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw_gate (empty when w_gate is None), dw_up, dw_down) from the hybrid format."""
+    """(dx, dw_gate (empty when w_gate is None), dw_up, dw_down) from the hybrid format; the
+    forward's neuron counts only balance the work (any counts give the same result)."""
     if kernel_supported(x, w_gate, w_up, w_down):
-        out = _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell)
+        out = _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts)
     else:
         out = ref.backward(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell)
     dx, dwg, dwu, dwd = out
@@ -239,27 +255,27 @@ def hybrid_ffn_bwd(dy: Tensor, dl1: Tensor, x: Tensor, w_gate: Optional[Tensor],
 
 
 @hybrid_ffn_bwd.register_fake
-def _(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
+def _(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts):
     dwg = torch.empty_like(w_gate) if w_gate is not None else x.new_empty(0)
     return torch.empty_like(x), dwg, torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_gate, w_up, w_down, _ = inputs
-    _, _, _, _, mrow, tprefix, ell = output
+    _, _, _, neuron_counts, mrow, tprefix, ell = output
     ctx.gated = w_gate is not None
-    ctx.save_for_backward(x, w_gate, w_up, w_down, mrow, tprefix, ell)
+    ctx.save_for_backward(x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts)
     ctx.mark_non_differentiable(*output[2:])
 
 
 def _backward(ctx, dy, dl1, *_):
-    x, w_gate, w_up, w_down, mrow, tprefix, ell = ctx.saved_tensors
+    x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts = ctx.saved_tensors
     if dy is None:
         dy = x.new_zeros(x.shape[0], w_down.shape[0])
     if dl1 is None:
         dl1 = torch.zeros((), dtype=ell.dtype, device=x.device)
     dx, dwg, dwu, dwd = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, w_gate, w_up, w_down,
-                                                            mrow, tprefix, ell)
+                                                            mrow, tprefix, ell, neuron_counts)
     return dx, (dwg if ctx.gated else None), dwu, dwd, None
 
 

@@ -10,8 +10,10 @@
 //   hy_pack       G [N, FF] -> row bitmask mrow [N, FF/32] + per-256-tile exclusive rank prefix
 //   hy_forward    warp per token: u, h, y, ELL (a, u) for ranks < W, l1 per token, stats
 //   hy_transpose  mrow -> column bitmask mcol [FF, ceil(N/32)] (the neuron-major index)
-//   hy_dw         CTA per unit j: dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32
-//                 accumulation in registers, no atomics), and the ELL of (dg, du) for hy_dx
+//   hy_dw         CTA per work item (a unit's tokens, split into parts where it fires on many):
+//                 dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32 accumulation in
+//                 registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du)
+//   hy_dw_zero, hy_dw_finish  zero / write out the fp32 rows of the split units
 //   hy_dx         warp per token: dX = sum_j dg Wg_j + du Wu_j
 // A pair whose rank in its row is >= W (a row past the ELL width) has no stored values: every
 // kernel recomputes them from x and the weight rows it streams anyway (the dense backup row is
@@ -488,9 +490,13 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 }
 
 // ---------------------------------------------------------------------------------------------
-// hy_dw: CTA per unit j, DW_THR threads, thread i owns columns 8i .. 8i+7. The unit's tokens come
-// from its column bitmask, DW_CAP at a time; x_t and dy_t slices stream through a DW_NS-stage
-// cp.async pipeline into thread-private shared memory, DW_BT tokens a batch.
+// hy_dw: CTA per work item, DW_THR threads, thread i owns columns 8i .. 8i+7. An item is unit j's
+// tokens with list positions [k*S, (k+1)*S) (the last item of a unit takes all the rest): a unit
+// firing on many tokens is split over several CTAs instead of making one CTA the whole kernel's
+// tail. The unit's tokens come from its column bitmask, DW_CAP at a time; x_t and dy_t slices
+// stream through a DW_NS-stage cp.async pipeline into thread-private shared memory, DW_BT tokens
+// a batch. A unit of one item writes its dW rows; the items of a split unit add float32 partial
+// rows into ACC (zeroed by hy_dw_zero) and hy_dw_finish writes those units' rows.
 
 __device__ __forceinline__ hy_u32 hy_smem_addr(const void* p) {
   hy_u32 r;
@@ -506,16 +512,23 @@ __device__ __forceinline__ void hy_cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
 }
 
+// Unit of work item `item`: the last j with item_start[j] <= item (item_start ascending, FF + 1 long).
+__device__ __forceinline__ int hy_item_unit(const int* __restrict__ item_start, int FF, int item) {
+  int lo = 0, hi = FF - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(item_start + mid) <= item) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 extern "C" __global__ void __launch_bounds__(DW_THR, DW_MINB)
 hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
       const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
       const hy_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, hy_u16* __restrict__ DWG,
-      hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, float* __restrict__ part, int w_begin,
-      int w_end, int flags, int N, int FF, int W) {
-  // Tokens of column-bitmask words [w_begin, w_end) only. flags bit 0: add the float32 partial sums
-  // in part [FF][3][D] (an earlier token chunk); bit 1: last chunk, write the bf16/fp16 rows (else
-  // write the partial sums back to part).
+      hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, const int* __restrict__ item_start,
+      float* __restrict__ ACC, int S, int N, int FF, int W) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ int s_rank[DW_CAP];
@@ -523,19 +536,32 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
   __shared__ float s_part[DW_WARPS][3 * DW_BT];
   __shared__ float s_coef[DW_BT][3];
   __shared__ int s_wsum[DW_WARPS];
+  volatile __shared__ int s_range[4];  // lo, hi, items of the unit, unit
 
-  const int j = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
-  const float dl1 = __ldg(dl1p);
+  // dl1, the L2 policy and the item count are re-read where used: hy_dw is at its register limit
 
-  const hy_pol pol_s = hy_pol_first();
-  float wd[8], wg[8];
-  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, pol_s), wd);
-  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, pol_s), wg);
+#pragma unroll 1
+  for (int item = blockIdx.x; item < __ldg(item_start + FF); item += gridDim.x) {
+  if (tid == 0) {  // unit and list positions [lo, hi) of this item, in shared memory (registers are short)
+    const int unit = hy_item_unit(item_start, FF, item);
+    const int k_item = item - __ldg(item_start + unit);
+    const int n_items = __ldg(item_start + unit + 1) - __ldg(item_start + unit);
+    s_range[0] = k_item * S;
+    s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
+    s_range[2] = n_items;
+    s_range[3] = unit;
+  }
+  __syncthreads();
+  const int j = s_range[3];
+
+  // wd is used for every token; wg and wu only to recompute pairs past the ELL width: kept packed
+  float wd[8];
+  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, hy_pol_first()), wd);
+  const uint4 wgq = hy_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, hy_pol_first());
 #if HY_GATED
-  float wu[8];
-  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, pol_s), wu);
+  const uint4 wuq = hy_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, hy_pol_first());
   float au[8];
 #endif
   float ag[8], ad[8];
@@ -547,27 +573,18 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
     au[k] = 0.f;
 #endif
   }
-  float* pj = part + (size_t)j * 3 * D + tid * 8;
-  if (flags & 1) {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      ag[k] = pj[k];
-      ad[k] = pj[2 * D + k];
-#if HY_GATED
-      au[k] = pj[D + k];
-#endif
-    }
-  }
 
   const hy_u32* mc = mcol + (size_t)j * WC;
-  for (int cw = w_begin; cw < w_end; cw += DW_THR * DW_WPT) {
+  int seen = 0;  // tokens of unit j in earlier rounds
+#pragma unroll 1
+  for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
     // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
     hy_u32 words[DW_WPT];
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
       const int wi = cw + tid * DW_WPT + q;
-      words[q] = (wi < w_end) ? __ldg(mc + wi) : 0u;
+      words[q] = (wi < WC) ? __ldg(mc + wi) : 0u;
       cnt += __popc(words[q]);
     }
     int incl = cnt;
@@ -586,11 +603,15 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       if (w < warp) off += s;
       total += s;
     }
-    // ---- the round's tokens, DW_CAP at a time, into s_tok with their ranks in s_rank
-    for (int base = 0; base < total; base += DW_CAP) {
-      const int m = hy_min(DW_CAP, total - base);
+    // this item's part of the round: round positions [first, last)
+    const int first = s_range[0] - seen > 0 ? s_range[0] - seen : 0;
+    const int last = hy_min(total, s_range[1] - seen);
+    seen += total;
+    // ---- the item's tokens of the round, DW_CAP at a time, into s_tok with their ranks in s_rank
+    for (int base = first; base < last; base += DW_CAP) {
+      const int m = hy_min(DW_CAP, last - base);
       __syncthreads();  // previous list fully consumed
-      if (off < base + DW_CAP && off + cnt > base) {
+      if (off < base + m && off + cnt > base) {
         int p = off;
 #pragma unroll
         for (int q = 0; q < DW_WPT; ++q) {
@@ -598,7 +619,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
           while (wq) {
             const int bit = __ffs(wq) - 1;
             wq &= wq - 1u;
-            if (p >= base && p < base + DW_CAP) s_tok[p - base] = ((cw + tid * DW_WPT + q) << 5) + bit;
+            if (p >= base && p < base + m) s_tok[p - base] = ((cw + tid * DW_WPT + q) << 5) + bit;
             ++p;
           }
         }
@@ -637,35 +658,34 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       const int stage = b % DW_NS;
       const int k0 = b * DW_BT;
       const int kn = hy_min(DW_BT, m - k0);
-      uint4 xq[DW_BT], dq[DW_BT];
+      // this thread's x and dy slices of the batch stay in its shared memory slots (the stage is
+      // refilled only in the next iteration): read twice rather than held in registers
+      const uint4* xs = s_buf + (stage * DW_BT * 2 + 0) * DW_THR + tid;  // token k: xs[2 * k * DW_THR]
+      const uint4* ys = s_buf + (stage * DW_BT * 2 + 1) * DW_THR + tid;
       bool recompute = false;
 #pragma unroll
-      for (int k = 0; k < DW_BT; ++k) {
-        if (k < kn) {
-          xq[k] = s_buf[((stage * DW_BT + k) * 2 + 0) * DW_THR + tid];
-          dq[k] = s_buf[((stage * DW_BT + k) * 2 + 1) * DW_THR + tid];
-          recompute |= s_rank[k0 + k] >= W;
-        } else {
-          xq[k] = hy_zero4();
-          dq[k] = hy_zero4();
-        }
-      }
+      for (int k = 0; k < DW_BT; ++k) recompute |= (k < kn) && s_rank[k0 + k] >= W;
       // partial dot products over this thread's 8 columns, reduced over the CTA
       float part[3 * DW_BT];
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
         float fx[8], fy[8];
-        hy_unpack8(xq[k], fx);
-        hy_unpack8(dq[k], fy);
+        const uint4 xq = k < kn ? xs[2 * k * DW_THR] : hy_zero4();
+        const uint4 dq = k < kn ? ys[2 * k * DW_THR] : hy_zero4();
+        hy_unpack8(xq, fx);
+        hy_unpack8(dq, fy);
         float pd = 0.f, pg = 0.f, pu = 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) pd = fmaf(fy[e], wd[e], pd);
         if (recompute) {
+          float fw[8];
+          hy_unpack8(wgq, fw);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], wg[e], pg);
+          for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], fw[e], pg);
 #if HY_GATED
+          hy_unpack8(wuq, fw);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], wu[e], pu);
+          for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], fw[e], pu);
 #endif
         }
         part[3 * k + 0] = pd;
@@ -706,13 +726,13 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
         }
 #if HY_GATED
         const float h = a * u;
-        const float dh = pd + dl1 * hy_sign(h);
+        const float dh = pd + __ldg(dl1p) * hy_sign(h);
         const float du = dh * a;
         const float dg = (a > 0.f) ? dh * u : 0.f;
 #else
         (void)u;
         const float h = a;
-        const float dh = pd + dl1 * hy_sign(h);
+        const float dh = pd + __ldg(dl1p) * hy_sign(h);
         const float du = 0.f;
         const float dg = (a > 0.f) ? dh : 0.f;
 #endif
@@ -726,31 +746,64 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       for (int k = 0; k < DW_BT; ++k) {
         if (k < kn) {
           const float dg = s_coef[k][0], h = s_coef[k][2];
-          hy_axpy8(ag, dg, xq[k]);
+          const uint4 xq = xs[2 * k * DW_THR];
+          hy_axpy8(ag, dg, xq);
 #if HY_GATED
-          hy_axpy8(au, s_coef[k][1], xq[k]);
+          hy_axpy8(au, s_coef[k][1], xq);
 #endif
-          hy_axpy8(ad, h, dq[k]);
+          hy_axpy8(ad, h, ys[2 * k * DW_THR]);
         }
       }
     }
     }
   }
   hy_cp_wait<0>();
-  if (!(flags & 2)) {
+  if (s_range[2] > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
+    float* acc = ACC + (size_t)j * 3 * D + tid * 8;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      pj[k] = ag[k];
-      pj[2 * D + k] = ad[k];
+      atomicAdd(acc + k, ag[k]);
+      atomicAdd(acc + 2 * D + k, ad[k]);
 #if HY_GATED
-      pj[D + k] = au[k];
+      atomicAdd(acc + D + k, au[k]);
 #endif
     }
-    return;
-  }
-  hy_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), pol_s);
+  } else {
+    hy_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), hy_pol_first());
 #if HY_GATED
-  hy_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), pol_s);
+    hy_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), hy_pol_first());
 #endif
-  hy_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), pol_s);
+    hy_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), hy_pol_first());
+  }
+  __syncthreads();  // shared lists and partials are reused by the next item
+  }
+}
+
+// hy_dw_zero / hy_dw_finish: CTA per unit, DW_THR threads; only the units split over several items.
+extern "C" __global__ void __launch_bounds__(DW_THR)
+hy_dw_zero(const int* __restrict__ item_start, float* __restrict__ ACC, int FF) {
+  const int j = blockIdx.x;
+  if (__ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
+  float* acc = ACC + (size_t)j * 3 * D;
+  for (int i = threadIdx.x; i < 3 * D; i += DW_THR) acc[i] = 0.f;
+}
+
+extern "C" __global__ void __launch_bounds__(DW_THR)
+hy_dw_finish(const int* __restrict__ item_start, const float* __restrict__ ACC, hy_u16* __restrict__ DWG,
+             hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, int FF) {
+  const int j = blockIdx.x, tid = threadIdx.x;
+  if (__ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
+  const float* acc = ACC + (size_t)j * 3 * D + tid * 8;
+  float v[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = acc[k];
+  reinterpret_cast<uint4*>(DWG + (size_t)j * D)[tid] = hy_pack8(v);
+#if HY_GATED
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = acc[D + k];
+  reinterpret_cast<uint4*>(DWU + (size_t)j * D)[tid] = hy_pack8(v);
+#endif
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = acc[2 * D + k];
+  reinterpret_cast<uint4*>(DWDT + (size_t)j * D)[tid] = hy_pack8(v);
 }

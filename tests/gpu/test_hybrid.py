@@ -102,7 +102,7 @@ def check_case(x, wg, wu, wd, dy, width, c=0.05, tol=1e-2):
     assert rel(fwd[6][..., 1], out[6][..., 1]) < 1e-5, "ELL up values differ"
     assert rel(fwd[0], out[0]) < 5e-3
     dl1 = torch.tensor(c, device="cuda")
-    bk = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6])
+    bk = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6], fwd[3])
     bref = ref.backward(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6])
     for k, a, b in zip(["dx", "dwg", "dwu", "dwd"], bk, bref):
         if b is not None:
@@ -148,7 +148,7 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.sparse_llm.hybrid_ffn_fwd.default, args)
     out = torch.ops.sparse_llm.hybrid_ffn_fwd(x.detach(), wg.detach(), wu.detach(), wd.detach(), 8)
     bargs = [dy, torch.tensor(0.1, device="cuda"), x.detach(), wg.detach(), wu.detach(), wd.detach(),
-             out[4], out[5], out[6]]
+             out[4], out[5], out[6], out[3]]
     torch.library.opcheck(torch.ops.sparse_llm.hybrid_ffn_bwd.default, bargs)
 
 
@@ -188,18 +188,32 @@ def test_cuda_graph_capture():
         assert rel(a, b) < 1e-3
 
 
-@pytest.mark.parametrize("chunk", [64, 0])
-def test_dw_token_chunks(chunk):
-    # hy_dw over many token chunks with float32 partial sums between them, and in one pass
+@pytest.mark.parametrize("split", [16, 1 << 30])
+def test_dw_split_units(split):
+    # hy_dw with units split over many CTAs (float32 partial rows added, then written by
+    # hy_dw_finish) and with every unit in one CTA
     from sparse_llm.kernels import hybrid
 
-    saved = hybrid.DW_CHUNK_TOKENS
-    hybrid.DW_CHUNK_TOKENS = chunk
+    saved = hybrid.DW_SPLIT_TOKENS
+    hybrid.DW_SPLIT_TOKENS = split
     try:
         check_case(*make_inputs(700, 256, 512, torch.bfloat16, mean_active=10, adversarial=True), width=4)
         check_case(*make_inputs(300, 256, 512, torch.bfloat16, gated=False, mean_active=10), width=4)
+        check_case(*make_inputs(3000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=8)
     finally:
-        hybrid.DW_CHUNK_TOKENS = saved
+        hybrid.DW_SPLIT_TOKENS = saved
+
+
+def test_dw_wrong_counts_only_change_the_balance():
+    # the forward's neuron counts only size the work items: zero or inflated counts give the same gradients
+    x, wg, wu, wd, dy = make_inputs(900, 256, 512, torch.bfloat16, mean_active=12, dense_unit=True)
+    fwd = torch.ops.sparse_llm.hybrid_ffn_fwd(x, wg, wu, wd, 8)
+    dl1 = torch.tensor(0.05, device="cuda")
+    grads = [torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6], counts)
+             for counts in (fwd[3], torch.zeros_like(fwd[3]), fwd[3] * 7 + 100)]
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert rel(a, b) < 1e-3
 
 
 @pytest.mark.parametrize("d,f,n,mean_active", [(768, 2112, 16384, 600), (768, 2112, 16384, 1100),
