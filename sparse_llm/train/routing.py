@@ -4,8 +4,7 @@ Every micro-batch folds each layer's measured active fraction into a device-side
 with hysteresis (kernels.hybrid.HybridRouter: no host sync). At log steps, where the trainer syncs
 anyway, the decisions are read back: a layer trains on the hybrid kernels below the training
 crossover and runs inference on TwELL below the inference crossover; both crossovers come from
-the kernels' benchmarks. All layers start on the dense path. Training on the hybrid kernels is
-switched off for now (AUTO_TRAINS_ON_HYBRID, below).
+whole-model and kernel benchmarks. All layers start on the dense path.
 """
 from __future__ import annotations
 
@@ -16,12 +15,13 @@ import torch
 from sparse_llm.model.ffn import FeedForward
 from sparse_llm.train.trainer import Callback
 
-# Whole training steps measured on an H100 (sparse_llm/study/results/bench_models_h100_2026-11-24.*)
-# ran slower with the hybrid kernels than dense at 14-20 active units per token (0.82x at 0.5B, 0.89x
-# at 1B) although the FFN alone is 1.52x faster. Until a whole-model measurement shows a gain, auto
-# trains every layer on the dense path (the model is never slower than dense) and uses the kernels
-# for inference, where the whole model is faster (+12% / +21%). kernel=hybrid still forces them.
-AUTO_TRAINS_ON_HYBRID = False
+# Training crossover from whole training steps, not from the FFN benchmark (0.93% there): with the
+# v7 hybrid kernels on an H100 (sparse_llm/study/results/bench_models_*v7_h100*, d 2048, d_ff 5632),
+# a 1.5B step at 0.38% active (21 of 5632 units) ran 1.19x dense, and steps at 0.6-0.76% ran
+# 0.975x (0.5B) to 1.07x. A layer trains on the hybrid kernels once its average falls below 0.45%
+# (crossover x (1 - band)) and returns to dense above 0.6%, so auto never trains where a whole
+# model measured slower than dense. kernel=hybrid forces the kernels at any sparsity.
+TRAINING_CROSSOVER_ACTIVE_FRAC = 0.006
 
 
 class KernelRouting(Callback):
@@ -32,10 +32,10 @@ class KernelRouting(Callback):
         self._pending_state: Optional[dict[str, Any]] = None
 
     def on_fit_start(self, trainer) -> None:
-        from sparse_llm.kernels.hybrid import CROSSOVER_ACTIVE_FRAC, HybridRouter
+        from sparse_llm.kernels.hybrid import HybridRouter
 
         self.ffns = [m for m in trainer.model.modules() if isinstance(m, FeedForward)]
-        self.router = HybridRouter(len(self.ffns), device=trainer.device, crossover=CROSSOVER_ACTIVE_FRAC)
+        self.router = HybridRouter(len(self.ffns), device=trainer.device, crossover=TRAINING_CROSSOVER_ACTIVE_FRAC)
         if self._pending_state:
             self.router.load_state_dict(self._pending_state)
         self._apply()
@@ -60,7 +60,7 @@ class KernelRouting(Callback):
 
         averages = self.router.ema.tolist()
         for layer, ffn in enumerate(self.ffns):
-            ffn.route_training = AUTO_TRAINS_ON_HYBRID and self.router.use_hybrid[layer]
+            ffn.route_training = self.router.use_hybrid[layer]
             ffn.route_inference = twell_is_faster(averages[layer], self.d_model, self.d_ff)
 
     def state_dict(self) -> dict[str, Any]:

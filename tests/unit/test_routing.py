@@ -22,24 +22,20 @@ def output_with_active(n_layers, d_ff, active_per_token, tokens=64):
     return ModelOutput(torch.zeros(1), stats)
 
 
-def test_auto_trains_on_the_dense_path_until_a_whole_model_gain_is_measured():
-    from sparse_llm.train import routing
-
-    assert routing.AUTO_TRAINS_ON_HYBRID is False
-    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
+def test_auto_trains_on_the_kernels_only_below_the_whole_model_crossover():
+    # 0.7% active: TwELL inference is faster, but whole training steps were not: dense training
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
     model = Transformer(cfg, kernel="auto")
     callback = KernelRouting(cfg.d_model, cfg.d_ff)
     callback.on_fit_start(FakeTrainer(model))
     for _ in range(200):
-        callback.on_micro_batch_end(None, output_with_active(1, 1000, [2]))
+        callback.on_micro_batch_end(None, output_with_active(2, 1000, [7, 3]))
     callback.on_step_end(None, 1, {})
     assert callback.ffns[0].route_inference and not callback.ffns[0].route_training
+    assert callback.ffns[1].route_inference and callback.ffns[1].route_training
 
 
-def test_layers_switch_with_hysteresis_at_log_steps(monkeypatch):
-    from sparse_llm.train import routing
-
-    monkeypatch.setattr(routing, "AUTO_TRAINS_ON_HYBRID", True)
+def test_layers_switch_with_hysteresis_at_log_steps():
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
     model = Transformer(cfg, kernel="auto")
     routing = KernelRouting(cfg.d_model, cfg.d_ff)
