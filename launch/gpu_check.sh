@@ -54,7 +54,7 @@ for section in "${sections[@]}"; do
              step plots python3 -m sparse_llm.plots "$runs/small-l1"
              tar -cf "$OUT/small_run.tar" -C "$runs/small-l1" metrics.jsonl plots ;;
     multi)   step multi_gpu python3 -m sparse_llm.study.multi_gpu --gpus "${GPUS:-$(nvidia-smi -L | wc -l)}" \
-               --root "${RUNS_DIR:-/tmp/gpu_check_runs}/multi_gpu" --json "$OUT/multi_gpu.json" ;;
+               --root "${RUNS_DIR:-/tmp/gpu_check_runs}/multi_gpu-$(date +%s)" --json "$OUT/multi_gpu.json" ;;
     multi_bench) step bench_models_multi python3 -m sparse_llm.study.bench_model --models ${MULTI_MODELS:-1b} \
                --variants dense sparse_kernel --gpus 1 "${GPUS:-$(nvidia-smi -L | wc -l)}" --json "$OUT/bench_models_multi.json" ;;
     *) echo "unknown section $section (tests, kernels, models, train, ncu, multi, multi_bench)"; status=1 ;;

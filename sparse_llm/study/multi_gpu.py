@@ -237,6 +237,8 @@ def main(argv: list[str]) -> int:
                 "sparse": ["sparsity=l1", f"sparsity.l1={args.l1}", f"kernel={args.sparse_kernel}"]}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.root or scratch)
+        if root.is_dir() and any(root.iterdir()):  # its runs would resume instead of running
+            parser.error(f"--root {root} is not empty: give a new or empty folder (earlier runs would auto-resume)")
         root.mkdir(parents=True, exist_ok=True)
         runner = Runner(root, args.device, args.micro_batch, seq_len, args.gpus, base)
         results = {"gpus": args.gpus, "model": args.model, "steps": args.steps, "base_overrides": runner.base}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from sparse_llm.study import multi_gpu
 from tests.helpers import REPO
 
@@ -27,6 +29,13 @@ def test_runner_passes_on_two_cpu_processes(tmp_path):
     onto_one = results["resume_onto_one_gpu"]
     assert onto_one["resumed_from_step"] == onto_one["stopped_at_step"] < 18
     assert onto_one["loss_rel_diff_vs_uninterrupted"]["max"] < 1e-5
+
+
+def test_runner_refuses_a_folder_with_earlier_runs(tmp_path, capsys):
+    (tmp_path / "dense-1gpu").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        multi_gpu.main(["--device", "cpu", "--model", "tiny", "--root", str(tmp_path)])
+    assert stop.value.code == 2 and "is not empty" in capsys.readouterr().err
 
 
 def test_kill_tree_kills_processes_in_their_own_sessions():
