@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparse_llm.data.manifest import load_manifest
+from sparse_llm.config import compose_config
+from sparse_llm.data import DEFAULT_ROOT, ensure_default_corpus, load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 # NVLink multicast stays off on the lent machines (it can take shared GPUs out of service)
@@ -221,24 +222,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--lr", type=float, default=3e-4,
                         help="peak learning rate; the ReLU models spike at 1e-3 after a 5-step warm-up (the PyTorch "
                              "path too), and a spike turns bf16 noise into different curves")
-    parser.add_argument("--data", default="data/cache/default", help="prepared corpus (its vocabulary sizes the model)")
+    parser.add_argument("--data", help="a prepared corpus (default: the default corpus, prepared on first use); "
+                                       "its vocabulary sizes the model")
     parser.add_argument("--root", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
     args, extra = parser.parse_known_args(argv)
     if args.steps < CHECKPOINT_INTERVAL + 8:
         parser.error(f"--steps must be at least {CHECKPOINT_INTERVAL + 8} (a checkpoint, a kill and a stop in between)")
-    vocab = load_manifest(Path(args.data)).vocab_size
-    seq_len = _model_seq_len(args.model)
-    base = [f"model={args.model}", f"model.vocab_size={vocab}", "data=shards", f"data.path={args.data}",
-            f"max_steps={args.steps}", "logging.interval=1", "eval_batches=0", "logging.wandb.mode=disabled",
+    if args.root and Path(args.root).is_dir() and any(Path(args.root).iterdir()):  # its runs would resume
+        parser.error(f"--root {args.root} is not empty: give a new or empty folder (earlier runs would auto-resume)")
+    defaults = compose_config([f"model={args.model}"])
+    if args.data:
+        vocab, data = load_manifest(Path(args.data)).vocab_size, ["data=shards", f"data.path={args.data}"]
+    else:
+        vocab = load_manifest(ensure_default_corpus(DEFAULT_ROOT, defaults.data.vocab_size)).vocab_size
+        data = ["data=default"]
+    seq_len = defaults.model.seq_len
+    base = [f"model={args.model}", f"model.vocab_size={vocab}", *data, f"max_steps={args.steps}", "logging.interval=1", "eval_batches=0", "logging.wandb.mode=disabled",
             f"checkpoint.interval={CHECKPOINT_INTERVAL}", "checkpoint.signal_check_interval=1",
             f"optim.lr={args.lr}", "schedule.warmup_steps=10", *extra]
     variants = {"dense": ["sparsity=dense", "kernel=torch"],
                 "sparse": ["sparsity=l1", f"sparsity.l1={args.l1}", f"kernel={args.sparse_kernel}"]}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.root or scratch)
-        if root.is_dir() and any(root.iterdir()):  # its runs would resume instead of running
-            parser.error(f"--root {root} is not empty: give a new or empty folder (earlier runs would auto-resume)")
         root.mkdir(parents=True, exist_ok=True)
         runner = Runner(root, args.device, args.micro_batch, seq_len, args.gpus, base)
         results = {"gpus": args.gpus, "model": args.model, "steps": args.steps, "base_overrides": runner.base}
@@ -259,12 +265,6 @@ def main(argv: list[str]) -> int:
 
 def summary(result: dict) -> str:
     return json.dumps({k: v for k, v in result.items() if k not in ("curve", "curves")})
-
-
-def _model_seq_len(model: str) -> int:
-    from sparse_llm.config import compose_config
-
-    return compose_config([f"model={model}"]).model.seq_len
 
 
 if __name__ == "__main__":

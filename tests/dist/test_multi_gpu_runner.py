@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +15,11 @@ from sparse_llm.study import multi_gpu
 from tests.helpers import REPO
 
 
-def test_runner_passes_on_two_cpu_processes(tmp_path):
+def test_runner_passes_on_two_cpu_processes(tmp_path, tiny_corpus):
     out = tmp_path / "multi.json"
     code = multi_gpu.main(["--gpus", "2", "--device", "cpu", "--model", "tiny", "--steps", "18",
-                           "--sparse-kernel", "torch", "--root", str(tmp_path / "runs"), "--json", str(out)])
+                           "--sparse-kernel", "torch", "--data", str(tiny_corpus.parent),
+                           "--root", str(tmp_path / "runs"), "--json", str(out)])
     results = json.loads(out.read_text())
     assert code == 0, {k: v for k, v in results.items() if isinstance(v, dict) and not v.get("passed")}
     assert results["parity_sparse"]["layers_compared"] == 4  # the tiny model's layers
@@ -57,7 +59,7 @@ def test_kill_tree_kills_processes_in_their_own_sessions():
     for child in children:
         try:
             os.kill(child, 0)
-            state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
             assert state == "Z", f"child {child} survived"
         except ProcessLookupError:
             pass
