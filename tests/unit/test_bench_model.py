@@ -16,3 +16,19 @@ def test_calibration_gives_the_requested_active_units_per_layer():
     for stats in out.ffn_stats:
         active = stats.tile_counts.sum(1).float().mean().item()
         assert 12 < active < 28, active
+
+
+def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
+    from sparse_llm.study.bench_model import _row_text
+
+    def row(variant, gpus, tok_s, peak):
+        return {"model": "1b", "variant": variant, "gpus": gpus, "train_tokens_per_s": tok_s, "train_peak_gib": peak,
+                "train_mj_per_token": 10.0, "mfu": 0.3, "active_per_token": 29.0, "forward_tokens_per_s": 1e5,
+                "forward_mj_per_token": 4.0}
+
+    rows = [row("dense", 1, 50000, 46.0), row("dense", 2, 49000, 40.0), row("sparse_kernel", 1, 55000, 34.5),
+            row("sparse_kernel", 2, 49500, 28.0)]
+    lines = [_row_text(r, rows[: i + 1]) for i, r in enumerate(rows)]
+    assert "scaling" not in lines[0] and "scaling 98.0%" in lines[1]
+    assert "(1.100x)" in lines[2] and "peak  34.5 GiB (0.750x)" in lines[2]
+    assert "scaling 90.0%" in lines[3] and "(1.010x)" in lines[3]  # against the 2-GPU dense row
