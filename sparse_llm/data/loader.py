@@ -27,7 +27,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class TokenLoader:
     def __init__(
         self,
-        manifest_path: str | os.PathLike,
+        manifest: str | os.PathLike | Manifest,
         split: str,
         seq_len: int,
         micro_batch_size: int,
@@ -41,7 +41,8 @@ class TokenLoader:
             raise DataError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
         if not 0 <= dp_rank < dp_world:
             raise DataError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
-        self.manifest: Manifest = load_manifest(manifest_path)
+        # a loaded Manifest (already checked) or the path of one
+        self.manifest: Manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.dp_rank, self.dp_world, self.seed = dp_rank, dp_world, seed
         shards = [s for s in self.manifest.splits[split] if s.tokens > 0]

@@ -116,7 +116,7 @@ def build_loaders(cfg: TrainConfig, world: World):
         if manifest.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer of {manifest_path} has {manifest.vocab_size} tokens but "
                               f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={manifest.vocab_size}")
-        make = lambda split: TokenLoader(manifest_path, split, **loader_args)  # noqa: E731
+        make = lambda split: TokenLoader(manifest, split, **loader_args)  # noqa: E731
     return make("train"), (make("val") if cfg.eval_batches > 0 else None)
 
 
