@@ -12,14 +12,13 @@ hysteresis, on the device; the host reads the decision only when it synchronises
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from sparse_llm.kernels import hybrid_reference as ref
-from sparse_llm.kernels.loader import launch
+from sparse_llm.kernels.loader import device_properties, launch
 
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
@@ -112,15 +111,6 @@ def _transpose16(t: Tensor) -> Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _heavy_first(tprefix: Tensor) -> Tensor:
     """Token order for the warp-per-token kernels: rows with the most active units first (by the
     count before the last tile), so that a long row starts early instead of finishing last."""
@@ -194,7 +184,8 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     item_start[1:] = torch.cumsum(items, 0, dtype=torch.int32)
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
-    launch(_kernel("hy_dw", dev, d_model, gated, dt), (d_ff + 4 * _sm_count(dev),), (threads,),
+    grid = d_ff + 4 * device_properties(dev).multi_processor_count  # items past d_ff: split units
+    launch(_kernel("hy_dw", dev, d_model, gated, dt), (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
             ptr(acc), i32(split), i32(n), i32(d_ff), i32(width)),

@@ -91,6 +91,16 @@ def _function(device_index: int, name: str, function: str, defines: tuple[tuple[
     return _module(device_index, name, defines).get_function(function)
 
 
+def device_properties(device: torch.device):
+    """torch's properties of a CUDA device (SM count, L2 size, ...), read once per device."""
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
 def ptr(tensor: torch.Tensor | None) -> np.uint64:
     """A tensor's device address as a kernel argument (a null pointer for None)."""
     return np.uint64(0 if tensor is None else tensor.data_ptr())

@@ -18,7 +18,6 @@ Compiled modules are cached in-process and on disk by CuPy (``$CUPY_CACHE_DIR``,
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -177,12 +176,6 @@ def pack_defines(tile: int, slots: int, dtype: torch.dtype, unroll: int = 4) -> 
     return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=unroll)
 
 
-@functools.lru_cache(maxsize=None)
-def _device_info(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.L2_cache_size
-
-
 def _resident_blocks(kernel, block: int, minb: int) -> int:
     """Blocks of `kernel` one SM holds at once (registers, shared memory, threads)."""
     try:
@@ -233,8 +226,9 @@ def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, confi
     cfg = config or current_config()
     if cfg.passes > 0:
         return cfg.passes
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    l2 = _device_info(index)[1]
+    from sparse_llm.kernels.loader import device_properties
+
+    l2 = device_properties(device).L2_cache_size
     weight_bytes = (2 if gated else 1) * d_ff * d_model * 2
     return max(1, math.ceil(weight_bytes / (cfg.pass_l2_factor * l2)))
 
@@ -246,7 +240,7 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     """The fused sparse stage: y [N, d_model] from x [N, d_model], the dense gate G [N, d_ff] (read
     only for overflowing tiles) and its TwELL form. `w_up=None` is the non-gated FFN (h = ReLU(G)).
     `order` (int32 [N], a permutation of the tokens) is the order in which tokens are taken."""
-    from sparse_llm.kernels.loader import get_kernel, launch, ptr
+    from sparse_llm.kernels.loader import device_properties, get_kernel, launch, ptr
 
     cfg = config or current_config()
     n, d_model = x2d.shape
@@ -259,8 +253,7 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     kernel = get_kernel("twell_ffn.cu", "twell_ffn_fused", x2d.device, **defines)
     block = defines["TW_BLOCK"]
     tokens_per_block = block // 32 // defines["TW_TEAM"]
-    index = x2d.device.index if x2d.device.index is not None else torch.cuda.current_device()
-    sms = _device_info(index)[0]
+    sms = device_properties(x2d.device).multi_processor_count
     resident = _resident_blocks(kernel, block, defines["TW_MINB"])
     grid = (max(1, min(-(-n // tokens_per_block), int(sms * resident * cfg.grid_fill))),)
     nt = num_tiles(d_ff, tile)
