@@ -8,6 +8,16 @@
 #ifndef TW_DTYPE
 #define TW_DTYPE 0
 #endif
+// The packed format, shared by its producer (twell_pack) and consumer (twell_ffn): tiles of TW_TILE
+// columns, at most TW_SLOTS stored active columns per tile.
+#ifndef TW_TILE
+#define TW_TILE 256
+#endif
+#ifndef TW_SLOTS
+#define TW_SLOTS 32
+#endif
+static_assert(TW_TILE % 256 == 0 && TW_TILE <= 65536, "TW_TILE must be a multiple of 256, at most 65536");
+static_assert(TW_SLOTS >= 1 && TW_SLOTS <= TW_TILE, "TW_SLOTS must be in [1, TW_TILE]");
 
 typedef unsigned int tw_u32;
 typedef unsigned short tw_u16;

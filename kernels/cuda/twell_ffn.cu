@@ -27,12 +27,6 @@
 #ifndef TW_DMODEL
 #define TW_DMODEL 2048
 #endif
-#ifndef TW_TILE
-#define TW_TILE 256
-#endif
-#ifndef TW_SLOTS
-#define TW_SLOTS 32
-#endif
 #ifndef TW_GATED
 #define TW_GATED 1
 #endif
@@ -75,7 +69,6 @@ constexpr int SB = TW_SCAN_BATCH;
 static_assert(DM % (8 * TEAM) == 0, "d_model / TW_TEAM must be a multiple of 8");
 static_assert(TW_BLOCK % 32 == 0 && WARPS % TEAM == 0, "TW_BLOCK must hold whole teams");
 static_assert(TEAM == 1 || TEAMS <= 15, "at most 15 named barriers per block");
-static_assert(T % 256 == 0, "TW_TILE must be a multiple of 256");
 static_assert(WARPS * LCAP * 4 + TEAMS * 2 * G * TEAM * 4 <= 48 * 1024, "static shared memory over 48 KB");
 static_assert(G >= 1 && G <= 8, "TW_GROUP in [1, 8]");
 }  // namespace twf

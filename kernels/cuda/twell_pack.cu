@@ -12,19 +12,10 @@
 // reads 8 consecutive elements (16 bytes) of every 256-column chunk.
 #include "twell_common.cuh"
 
-#ifndef TW_TILE
-#define TW_TILE 256
-#endif
-#ifndef TW_SLOTS
-#define TW_SLOTS 32
-#endif
 #ifndef TW_PACK_UNR
 #define TW_PACK_UNR 4
 #endif
 #define TW_PACK_BLOCK 256
-
-static_assert(TW_TILE % 256 == 0 && TW_TILE <= 65536, "TW_TILE must be a multiple of 256, at most 65536");
-static_assert(TW_SLOTS >= 1 && TW_SLOTS <= TW_TILE, "TW_SLOTS must be in [1, TW_TILE]");
 
 extern "C" __global__ void __launch_bounds__(TW_PACK_BLOCK)
 twell_pack(const tw_u16* __restrict__ gate, int* __restrict__ counts, tw_u32* __restrict__ slots,
