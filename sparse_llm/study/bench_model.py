@@ -202,15 +202,13 @@ def main(argv: list[str]) -> None:
 
 def _run_configuration(model: str, variant: str, gpus: int, args, overrides: list[str]) -> dict | None:
     """One configuration in its own process (or torchrun world): clean memory statistics."""
-    from sparse_llm.study.multi_gpu import MULTICAST_OFF
+    from sparse_llm.study.multi_gpu import launch_env, launcher
 
-    launcher = [sys.executable] if gpus == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
-    cmd = [*launcher, "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}", f"--warmup={args.warmup}",
+    cmd = [*launcher(gpus), "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}", f"--warmup={args.warmup}",
            f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
     if args.keep:
         cmd.append(f"--keep={Path(args.keep) / f'{model}-{variant}-{gpus}gpu'}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MULTICAST_OFF})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         print(f"{model} {variant} {gpus} GPU(s): failed\n{proc.stderr[-3000:]}", file=sys.stderr)

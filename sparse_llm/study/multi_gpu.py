@@ -42,6 +42,18 @@ ACTIVE_ATOL = 2e-2  # per-layer active fraction
 CHECKPOINT_INTERVAL = 10
 
 
+def launcher(gpus: int) -> list[str]:
+    """The command prefix that runs a Python script or module on `gpus` local processes."""
+    if gpus == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """This environment with NVLink multicast off, plus `extra`."""
+    return {**os.environ, **MULTICAST_OFF, **extra}
+
+
 class Runner:
     def __init__(self, root: Path, device: str, micro_batch: int, seq_len: int, gpus: int, base: list[str]):
         self.root, self.device, self.gpus = root, device, gpus
@@ -49,14 +61,12 @@ class Runner:
                             f"tokens_per_step={micro_batch * seq_len * gpus}", f"output_dir={root}"]
 
     def start(self, run_name: str, gpus: int, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        train = [str(REPO / "train.py"), *self.base, f"run_name={run_name}", *overrides]
-        cmd = ([sys.executable, *train] if gpus == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *train])
+        cmd = [*launcher(gpus), str(REPO / "train.py"), *self.base, f"run_name={run_name}", *overrides]
         with open(self.root / f"{run_name}.log", "a") as log:  # the child keeps its own handle
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, **MULTICAST_OFF, "WANDB_MODE": "disabled", **(env or {})})
+                                    env=launch_env(WANDB_MODE="disabled", **(env or {})))
 
     def run(self, run_name: str, gpus: int, overrides: list[str], env: dict[str, str] | None = None) -> None:
         code = self.start(run_name, gpus, overrides, env).wait()
