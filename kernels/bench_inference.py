@@ -2,9 +2,11 @@
 
 For each FFN shape and sparsity level (DESIGN.md section 11 synthetic inputs): the measured mean / p99 /
 max active units per token and the worst 256-wide tile, dense eager PyTorch time, dense torch.compile
-time, TwELL time (cuBLAS gate GEMM + pack + fused sparse up/down), both ratios, relative error against
+time, TwELL time (gate GEMM + pack + fused sparse up/down), both ratios, relative error against
 the float32 reference (ours and dense bf16), peak memory, the overflow rate, and the bytes the fused
-stage reads per active (token, neuron) pair with the rate that implies. Then, per shape, the active
+stage reads per active (token, neuron) pair with the rate that implies; stage times: cuBLAS gate GEMM +
+twell_pack, the fused gate GEMM + pack kernel (Hopper; the one twell_ffn uses there), the fused sparse
+stage. Then, per shape, the active
 fraction at which TwELL stops beating dense (linear fit of TwELL time against mean active count over
 the light-tailed levels). Timings: triton.testing.do_bench median (warm-up, L2 flushed before each
 repetition), one process, dense and ours measured in the same run.
@@ -84,6 +86,8 @@ def _rel(y, ref) -> float:
 
 
 def _stages(syn, w_dt, tile, slots, gated=True):
+    """Stage times (ms): cuBLAS gate GEMM, twell_pack, the fused gate GEMM + pack kernel (nan where it
+    does not run), and the fused sparse stage; plus the pack's statistics."""
     x, wg, wu = syn.x, syn.w_gate, syn.w_up
     gate = torch.matmul(x, wg.t())
     lpt = twell.current_config().lpt
@@ -92,9 +96,12 @@ def _stages(syn, w_dt, tile, slots, gated=True):
     order = torch.argsort(row_total, descending=True).to(torch.int32) if lpt else None
     t_gate = _bench(lambda: torch.matmul(x, wg.t()), 100)
     t_pack = _bench(lambda: twell.twell_pack(gate, tile, slots, row_total=row_total), 100)
+    t_gate_kernel = float("nan")
+    if twell.gate_kernel_supported(x.device, x.dtype, tile, slots):
+        t_gate_kernel = _bench(lambda: twell.twell_gate_pack(x, wg, slots, row_total=row_total), 100)
     t_fused = _bench(lambda: twell.twell_ffn_packed(x, gate, counts, packed, wu if gated else None, w_dt, tile,
                                                     order=order), 100)
-    return t_gate, t_pack, t_fused, stats
+    return t_gate, t_pack, t_gate_kernel, t_fused, stats
 
 
 def _fit_crossover(points, t_dense):
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (f"{'shape':<11} {'level':<6} {'act mean/p99/max':>17} {'tile':>4} {'eager':>7} {'compil':>7} "
               f"{'ours':>7} {'xeager':>6} {'xcomp':>6} {'err ours':>8} {'err bf16':>8} {'peak GB e/c/o':>15} "
-              f"{'ovf%':>6} {'B/pair':>6} {'gate/pack/fused ms':>18} {'TB/s':>5}")
+              f"{'ovf%':>6} {'B/pair':>6} {'gemm+pack|gatek/fused':>22} {'TB/s':>5}")
     lines = []
     base_config = twell.current_config()
     for d_model, d_ff in shapes:
@@ -238,26 +245,29 @@ def main(argv: list[str] | None = None) -> None:
                 t_c = _bench(comp)
             peaks = [_peak_bytes(eager) / 1e9, _peak_bytes(comp) / 1e9 if compiled is not None else float("nan"),
                      _peak_bytes(ours) / 1e9]
-            stages = (float("nan"),) * 3
+            stages = (float("nan"),) * 4
             if not args.no_stages:
-                stages = _stages(syn, w_dt, args.tile, args.slots)[:3]
+                stages = _stages(syn, w_dt, args.tile, args.slots)[:4]
+            t_cublas, t_pack, t_gate_kernel, t_fused = stages
             nt = -(-d_ff // args.tile)
             st = stats.tolist()
             ovf_pct = 100.0 * st[0] / (args.tokens * nt)
             bpp = twell.bytes_per_active_pair(d_model)
             pairs = summ["mean"] * args.tokens
-            rate = pairs * bpp / (stages[2] * 1e-3) / 1e12 if stages[2] == stages[2] else float("nan")
+            rate = pairs * bpp / (t_fused * 1e-3) / 1e12 if t_fused == t_fused else float("nan")
+            tflops = 2 * args.tokens * d_model * d_ff / (t_gate_kernel * 1e-3) / 1e12
             row = dict(shape=f"{d_model}x{d_ff}", level=name, tail=tail, tokens=args.tokens, **{f"active_{k}": v for k, v in summ.items()},
                        eager_ms=t_e, compiled_ms=t_c, ours_ms=t_o, x_eager=t_e / t_o, x_compiled=t_c / t_o,
                        rel_err=err, rel_err_dense_bf16=err_dense, peak_gb_eager=peaks[0], peak_gb_compiled=peaks[1],
                        peak_gb_ours=peaks[2], overflow_tiles=st[0], overflow_entries=st[1], overflow_tile_pct=ovf_pct,
-                       bytes_per_pair=bpp, gate_ms=stages[0], pack_ms=stages[1], fused_ms=stages[2], fused_tb_s=rate,
+                       bytes_per_pair=bpp, gate_ms=t_cublas, pack_ms=t_pack, gate_kernel_ms=t_gate_kernel,
+                       gate_kernel_tflops=tflops, fused_ms=t_fused, fused_tb_s=rate,
                        config=str(twell.current_config()))
             report["rows"].append(row)
             line = (f"{d_model}x{d_ff:<6} {name:<6} {summ['mean']:6.1f}/{summ['p99']:4.0f}/{summ['max']:5.0f} "
                     f"{summ['worst_tile']:4.0f} {t_e:7.2f} {t_c:7.2f} {t_o:7.2f} {t_e / t_o:6.2f} {t_c / t_o:6.2f} "
                     f"{err:8.1e} {err_dense:8.1e} {peaks[0]:5.2f}/{peaks[1]:4.2f}/{peaks[2]:4.2f} {ovf_pct:6.3f} "
-                    f"{bpp:6d} {stages[0]:5.2f}/{stages[1]:5.2f}/{stages[2]:5.2f} {rate:5.2f}")
+                    f"{bpp:6d} {t_cublas:5.2f}+{t_pack:4.2f}|{t_gate_kernel:5.2f}/{t_fused:5.2f} {rate:5.2f}")
             lines.append(line)
             if len(report["rows"]) == 1:
                 print(header)

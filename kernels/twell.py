@@ -18,6 +18,8 @@ Compiled modules are cached in-process and on disk by CuPy (``$CUPY_CACHE_DIR``,
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -47,6 +49,9 @@ class FusedConfig:
     passes: int = 0  # neuron passes of the fused stage (0: enough for each pass's rows to fit L2)
     pass_l2_factor: float = 1.0  # auto passes: weight bytes per pass <= factor x L2 size
     lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, argsort on device)
+    gate_kernel: int = 1  # sm_90a: gate GEMM with ReLU + pack in its epilogue (twell_gate.cu); 0: cuBLAS + pack
+    gate_stages: int = 4  # shared-memory pipeline depth of twell_gate.cu (48 KB a stage)
+    gate_cluster: int = 2  # CTAs of twell_gate.cu that share (multicast) each Wg tile: 1, 2 or 4
 
     def team(self, d_model: int) -> int:
         team = 1
@@ -162,18 +167,30 @@ def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch
                 TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch)
 
 
-def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype) -> list[tuple[str, dict[str, int]]]:
-    """(source, defines) of the modules an inference forward of this FFN shape compiles with the
-    default tile, slots and launch configuration (for the ahead-of-time warm-up)."""
+def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
+                    arch: str = "sm_90a") -> list[tuple[str, dict[str, int]]]:
+    """(source, defines) of the modules an inference forward of this FFN shape compiles on `arch` with
+    the default tile, slots and launch configuration (for the ahead-of-time warm-up)."""
     _check_shapes(d_model, torch.empty(d_ff, d_model, device="meta") if gated else None,
                   torch.empty(d_ff, d_model, device="meta"), torch.empty(d_ff, d_model, device="meta"),
                   DEFAULT_TILE, DEFAULT_SLOTS)
-    return [("twell_pack.cu", pack_defines(DEFAULT_TILE, DEFAULT_SLOTS, dtype, current_config().pack_unroll)),
-            ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype))]
+    cfg = current_config()
+    variants = [("twell_pack.cu", pack_defines(DEFAULT_TILE, DEFAULT_SLOTS, dtype, cfg.pack_unroll)),
+                ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype))]
+    if arch == GATE_KERNEL_ARCH and DEFAULT_TILE == GATE_KERNEL_TILE:
+        variants.append(("twell_gate.cu", gate_defines(DEFAULT_SLOTS, dtype, cfg.gate_stages, cfg.gate_cluster)))
+    return variants
 
 
 def pack_defines(tile: int, slots: int, dtype: torch.dtype, unroll: int = 4) -> dict[str, int]:
     return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=unroll)
+
+
+def gate_defines(slots: int, dtype: torch.dtype, stages: int = 4, cluster: int = 2,
+                 write_all: bool = False) -> dict[str, int]:
+    """The -D defines of twell_gate.cu (the fused gate GEMM + pack; 256-column tiles only)."""
+    return dict(TW_TILE=GATE_KERNEL_TILE, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TG_STAGES=stages,
+                TG_CLUSTER=cluster, TG_WRITE_ALL=int(write_all))
 
 
 def _resident_blocks(kernel, block: int, minb: int) -> int:
@@ -219,6 +236,118 @@ def twell_pack(gate: torch.Tensor, tile: int = DEFAULT_TILE, slots: int = DEFAUL
     launch(kernel, grid, (256,), (ptr(gate), ptr(counts), ptr(packed), ptr(stats), ptr(row_total), np.int32(n),
                                   np.int32(d_ff)))
     return counts, packed, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused gate GEMM + ReLU + pack (twell_gate.cu): Hopper only (wgmma + TMA), 256-column tiles.
+GATE_KERNEL_ARCH = "sm_90a"
+GATE_KERNEL_TILE = 256
+_GATE_BLOCK_ROWS, _GATE_BLOCK_K = 128, 64  # TG_BM, TG_BK: X tiles are 128 x 64, Wg tiles 256 x 64
+_TENSOR_MAP = np.dtype([("words", np.uint64, (16,))])  # the driver's opaque 128-byte CUtensorMap
+_CU_TENSOR_DTYPE = {torch.float16: 6, torch.bfloat16: 9}  # CU_TENSOR_MAP_DATA_TYPE_{FLOAT16,BFLOAT16}
+_SWIZZLE_128B, _L2_PROMOTION_256B = 3, 3
+
+
+def gate_kernel_supported(device: torch.device, dtype: torch.dtype, tile: int, slots: int) -> bool:
+    """True where twell_gate.cu runs: a Hopper GPU (sm_90a), bf16/fp16, 256-column tiles."""
+    if device.type != "cuda" or dtype not in _CU_TENSOR_DTYPE or tile != GATE_KERNEL_TILE or slots > MAX_SLOTS:
+        return False
+    from sparse_llm.kernels.loader import arch_flag, device_properties
+
+    props = device_properties(device)
+    return arch_flag(props.major, props.minor) == GATE_KERNEL_ARCH and _encoder() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder():
+    """The driver's cuTensorMapEncodeTiled through ctypes (None if the driver library lacks it)."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    except (OSError, AttributeError):
+        return None
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
+def tensor_map(matrix: torch.Tensor, box_rows: int) -> np.void:
+    """TMA descriptor of a row-major 16-bit matrix read in (box_rows x 64) tiles with 128-byte swizzle
+    (out-of-bounds rows read as zeros), as a by-value kernel argument."""
+    rows, cols = matrix.shape
+    storage = (ctypes.c_uint8 * 192)()  # the descriptor must be 64-byte aligned
+    address = (ctypes.addressof(storage) + 63) & ~63
+    result = _encoder()(address, _CU_TENSOR_DTYPE[matrix.dtype], 2, matrix.data_ptr(),
+                        (ctypes.c_uint64 * 2)(cols, rows), (ctypes.c_uint64 * 1)(matrix.stride(0) * matrix.element_size()),
+                        (ctypes.c_uint32 * 2)(_GATE_BLOCK_K, box_rows), (ctypes.c_uint32 * 2)(1, 1),
+                        0, _SWIZZLE_128B, _L2_PROMOTION_256B, 0)
+    if result != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled returned CUresult {result} for a {tuple(matrix.shape)} "
+                           f"{matrix.dtype} matrix (needs 16-byte aligned rows and base)")
+    return np.frombuffer(ctypes.string_at(address, 128), dtype=_TENSOR_MAP)[0]
+
+
+class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.c_void_p), ("num_attrs", ctypes.c_uint)]
+
+
+_RESIDENT_CLUSTERS: dict[tuple[int, int], int] = {}
+
+
+def _resident_clusters(kernel, cluster: int, shared: int, sms: int) -> int:
+    """Clusters of `kernel` the GPU runs at once (cuOccupancyMaxActiveClusters). A persistent grid
+    must not ask for more: the clusters that do not fit would start only when others end and
+    double the time (a GPC's SM count need not be a multiple of the cluster size)."""
+    key = (id(kernel), shared)
+    if key not in _RESIDENT_CLUSTERS:
+        kernel.max_dynamic_shared_size_bytes = shared
+        count = sms // cluster
+        if cluster > 1:
+            query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
+            config = _LaunchConfig((cluster * count, 1, 1), (384, 1, 1), shared, None, None, 0)
+            found = ctypes.c_int(0)
+            function = getattr(kernel, "kernel", kernel)  # CuPy RawKernel -> its driver Function
+            if query(ctypes.byref(found), ctypes.c_void_p(int(function.ptr)), ctypes.byref(config)) != 0:
+                raise RuntimeError(f"cuOccupancyMaxActiveClusters failed for twell_gate_pack (cluster {cluster})")
+            count = min(count, found.value)
+        _RESIDENT_CLUSTERS[key] = max(1, count)
+    return _RESIDENT_CLUSTERS[key]
+
+
+def twell_gate_pack(x2d: torch.Tensor, w_gate: torch.Tensor, slots: int = DEFAULT_SLOTS, *,
+                    row_total: Optional[torch.Tensor] = None, write_all: bool = False,
+                    config: Optional[FusedConfig] = None):
+    """G = x2d w_gate^T on the tensor cores with ReLU + TwELL pack (256-column tiles) in the epilogue.
+
+    Returns (gate [N, d_ff], counts, slots, stats) like `twell_pack(x2d @ w_gate.t())`, except that
+    `gate` holds only the overflowing tiles (the part the fused stage reads), or every value with
+    `write_all`. Needs `gate_kernel_supported`."""
+    from sparse_llm.kernels.loader import device_properties, get_kernel, launch, ptr
+
+    n, d_model = x2d.shape
+    d_ff = w_gate.shape[0]
+    nt = num_tiles(d_ff, GATE_KERNEL_TILE)
+    gate = torch.empty(n, d_ff, dtype=x2d.dtype, device=x2d.device)
+    counts = torch.empty(n, nt, dtype=torch.int32, device=x2d.device)
+    packed = torch.empty(n, nt, slots, dtype=torch.int32, device=x2d.device)
+    stats = torch.zeros(2, dtype=torch.int32, device=x2d.device)
+    if n == 0:
+        return gate, counts, packed, stats
+    cfg = config or current_config()
+    stages, cluster = cfg.gate_stages, cfg.gate_cluster
+    defines = gate_defines(slots, x2d.dtype, stages, cluster, write_all)
+    kernel = get_kernel("twell_gate.cu", "twell_gate_pack", x2d.device, **defines)
+    shared = 1024 + stages * (_GATE_BLOCK_ROWS + GATE_KERNEL_TILE) * _GATE_BLOCK_K * 2 + 16 * stages
+    cluster_tiles = -(-n // (_GATE_BLOCK_ROWS * cluster)) * nt
+    resident = _resident_clusters(kernel, cluster, shared, device_properties(x2d.device).multi_processor_count)
+    grid = (cluster * min(cluster_tiles, resident),)
+    w_map = tensor_map(w_gate, GATE_KERNEL_TILE // cluster)  # each CTA of a cluster loads a slice
+    launch(kernel, grid, (384,), (tensor_map(x2d, _GATE_BLOCK_ROWS), w_map, ptr(gate),
+                                  ptr(counts), ptr(packed), ptr(stats), ptr(row_total), np.int32(n), np.int32(d_ff),
+                                  np.int32(d_model)), shared_mem=shared)
+    return gate, counts, packed, stats
 
 
 def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, config: Optional[FusedConfig] = None) -> int:
@@ -277,8 +406,12 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
     w_up = _aligned(w_up)
     w_down_t = _aligned(w_down_t)
     gate_w = w_up if w_gate is None else _aligned(w_gate)
-    gate = torch.matmul(x2, gate_w.t())
     cfg = current_config()
+    row_total = torch.zeros(x2.shape[0], dtype=torch.int32, device=x.device) if cfg.lpt else None
+    if cfg.gate_kernel and not cfg.scan and gate_kernel_supported(x.device, x.dtype, tile, slots):
+        gate, counts, packed, stats = twell_gate_pack(x2, gate_w, slots, row_total=row_total)
+        return _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_down_t, tile, cfg, x.shape)
+    gate = torch.matmul(x2, gate_w.t())
     if cfg.scan:
         nt = num_tiles(gate.shape[1], tile)
         # the scan variant reads no packed form (and so has no overflow to count)
@@ -287,13 +420,16 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
         stats = torch.zeros(2, dtype=torch.int32, device=x.device)
         y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg)
         return y.view(*x.shape[:-1], d_model), stats
-    row_total = torch.zeros(x2.shape[0], dtype=torch.int32, device=x.device) if cfg.lpt else None
     counts, packed, stats = twell_pack(gate, tile, slots, row_total=row_total)
+    return _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_down_t, tile, cfg, x.shape)
+
+
+def _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_down_t, tile, cfg, shape):
     # longest-first order: heavy tokens start first, so none of them finishes alone at the end
-    order = torch.argsort(row_total, descending=True).to(torch.int32) if cfg.lpt else None
+    order = torch.argsort(row_total, descending=True).to(torch.int32) if row_total is not None else None
     y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg,
                          order=order)
-    return y.view(*x.shape[:-1], d_model), stats
+    return y.view(*shape), stats
 
 
 @torch.library.custom_op("sparse_llm::twell_ffn", mutates_args=())
@@ -346,5 +482,6 @@ def bytes_per_active_pair(d_model: int, gated: bool = True, itemsize: int = 2) -
 __all__ = [
     "FusedConfig", "DEFAULT_CONFIG", "set_default_config", "current_config", "twell_ffn", "twell_ffn_op",
     "twell_pack", "twell_ffn_packed", "fused_defines", "pack_defines", "twell_is_faster", "crossover_active_fraction", "MEASURED_CROSSOVER",
-    "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes",
+    "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes", "twell_gate_pack", "gate_kernel_supported",
+    "gate_defines", "tensor_map",
 ]

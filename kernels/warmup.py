@@ -20,8 +20,9 @@ from sparse_llm.kernels.loader import compile_cubin, kernel_cache_dir
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype) -> list[tuple[str, dict[str, int]]]:
-    variants = twell.kernel_variants(d_model, d_ff, gated, dtype)
+def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
+                    arch: str = "sm_90a") -> list[tuple[str, dict[str, int]]]:
+    variants = twell.kernel_variants(d_model, d_ff, gated, dtype, arch)
     if hybrid.shape_supported(d_model, d_ff):
         variants += hybrid.kernel_variants(d_model, d_ff, gated, dtype)
     return variants
@@ -32,7 +33,7 @@ def warm(shapes: list[tuple[int, int, bool]], dtypes: list[torch.dtype], arch: s
     unique = {}
     for d_model, d_ff, gated in shapes:
         for dtype in dtypes:
-            for source, defines in kernel_variants(d_model, d_ff, gated, dtype):
+            for source, defines in kernel_variants(d_model, d_ff, gated, dtype, arch):
                 unique[(source, tuple(sorted(defines.items())))] = (source, defines)
     paths = []
     for index, (source, defines) in enumerate(unique.values(), 1):
