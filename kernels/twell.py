@@ -50,8 +50,9 @@ class FusedConfig:
     pass_l2_factor: float = 1.0  # auto passes: weight bytes per pass <= factor x L2 size
     lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, argsort on device)
     gate_kernel: int = 1  # sm_90a: gate GEMM with ReLU + pack in its epilogue (twell_gate.cu); 0: cuBLAS + pack
-    gate_stages: int = 4  # shared-memory pipeline depth of twell_gate.cu (48 KB a stage)
+    gate_stages: int = 4  # shared-memory pipeline depth of twell_gate.cu (48 KB a stage; 4 at most)
     gate_cluster: int = 2  # CTAs of twell_gate.cu that share (multicast) each Wg tile: 1, 2 or 4
+    gate_sms: int = 0  # SMs the persistent twell_gate.cu grid may take (0: all)
 
     def team(self, d_model: int) -> int:
         team = 1
@@ -184,6 +185,12 @@ def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
 
 def pack_defines(tile: int, slots: int, dtype: torch.dtype, unroll: int = 4) -> dict[str, int]:
     return dict(TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype), TW_PACK_UNR=unroll)
+
+
+def gate_shared_bytes(stages: int) -> int:
+    """Dynamic shared memory of twell_gate.cu (TG_SMEM_BYTES): alignment slack, the pipeline stages
+    (a 128 x 64 X tile and a 256 x 64 Wg tile each) and their mbarriers."""
+    return 1024 + stages * (_GATE_BLOCK_ROWS + GATE_KERNEL_TILE) * _GATE_BLOCK_K * 2 + 2 * stages * 8
 
 
 def gate_defines(slots: int, dtype: torch.dtype, stages: int = 4, cluster: int = 2,
@@ -339,9 +346,11 @@ def twell_gate_pack(x2d: torch.Tensor, w_gate: torch.Tensor, slots: int = DEFAUL
     stages, cluster = cfg.gate_stages, cfg.gate_cluster
     defines = gate_defines(slots, x2d.dtype, stages, cluster, write_all)
     kernel = get_kernel("twell_gate.cu", "twell_gate_pack", x2d.device, **defines)
-    shared = 1024 + stages * (_GATE_BLOCK_ROWS + GATE_KERNEL_TILE) * _GATE_BLOCK_K * 2 + 16 * stages
+    shared = gate_shared_bytes(stages)
     cluster_tiles = -(-n // (_GATE_BLOCK_ROWS * cluster)) * nt
     resident = _resident_clusters(kernel, cluster, shared, device_properties(x2d.device).multi_processor_count)
+    if cfg.gate_sms > 0:
+        resident = max(1, min(resident, cfg.gate_sms // cluster))
     grid = (cluster * min(cluster_tiles, resident),)
     w_map = tensor_map(w_gate, GATE_KERNEL_TILE // cluster)  # each CTA of a cluster loads a slice
     launch(kernel, grid, (384,), (tensor_map(x2d, _GATE_BLOCK_ROWS), w_map, ptr(gate),

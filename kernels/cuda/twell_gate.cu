@@ -55,6 +55,7 @@ struct __align__(64) TgTensorMap {
 #define TG_B_SLICE_ROWS (TG_BN / TG_CLUSTER)  // rows of the Wg tile each CTA of a cluster loads
 // dynamic shared memory the launcher must give: 1024 bytes of alignment slack, the stages, barriers
 #define TG_SMEM_BYTES (1024 + TG_STAGES * TG_STAGE_BYTES + 2 * TG_STAGES * 8)
+static_assert(TG_SMEM_BYTES <= 232448, "TG_STAGES: at most 4 stages fit in 227 KB of shared memory");
 
 __device__ __forceinline__ unsigned tg_smem_addr(const void* p) {
   unsigned long long a;
