@@ -86,11 +86,12 @@ def current_config() -> FusedConfig:
 # mean active count over the 99.5 / 98.9 / 98 / 95 % levels of `python -m sparse_llm.kernels.bench
 # inference` (131072 tokens, bf16). Source of each number: NOTES_twell.md (device, date).
 MEASURED_CROSSOVER: dict[tuple[int, int], float] = {
-    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24: kernels/results/bench_v3_h100.log
-    (2048, 5632): 0.01276,  # 71.9 active / token
-    (2048, 8192): 0.01221,  # 100.0
-    (4096, 11008): 0.00976,  # 107.4 (4 neuron passes: the weights are 3.4x L2)
-    (1024, 2816): 0.01503,  # 42.3
+    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24, gate stage twell_gate.cu:
+    # kernels/results/bench_v4_h100.log
+    (2048, 5632): 0.01314,  # 74.0 active / token
+    (2048, 8192): 0.01166,  # 95.5
+    (4096, 11008): 0.00953,  # 104.9 (4 neuron passes: the weights are 3.4x L2)
+    (1024, 2816): 0.01434,  # 40.4
 }
 # Used only if the table above is empty: DESIGN.md section 6's estimate (~60 active / 5632).
 FALLBACK_CROSSOVER = 0.0100
