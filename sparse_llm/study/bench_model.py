@@ -54,7 +54,8 @@ def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> 
         weight = ffn.gate.weight.full_tensor() if hasattr(ffn.gate.weight, "full_tensor") else ffn.gate.weight
         weight = weight.float()
         rest = x[:, 1:] @ weight[:, 1:].T
-        sample = rest.flatten()[: 2**24]
+        flat = rest.flatten()  # quantile of a uniform sample of the whole micro-batch (torch.quantile's size limit)
+        sample = flat[torch.randint(0, flat.numel(), (min(flat.numel(), 2**24),), device=flat.device)]
         threshold = torch.quantile(sample, 1.0 - mean_active / weight.shape[0])
         column = -threshold / x[:, 0].mean()
         local = _local(ffn.gate.weight)

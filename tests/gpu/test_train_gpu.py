@@ -37,6 +37,26 @@ def test_hybrid_training_matches_the_reference(tmp_path, tiny_corpus):
         assert abs(ref - got) < 0.02 * ref + 0.02
 
 
+def test_auto_moves_layers_onto_the_hybrid_kernels_mid_run(tmp_path, tiny_corpus, monkeypatch):
+    """kernel=auto end to end: with the training crossover raised above this model's active fraction,
+    every layer starts dense and moves to the hybrid kernels once its moving average (from 1.0)
+    falls below the band; the loss curve stays on the reference's."""
+    from sparse_llm.train import routing
+
+    monkeypatch.setattr(routing, "TRAINING_CROSSOVER_ACTIVE_FRAC", 1.0)
+    common = SMALL + ["max_steps=30", "data=shards", f"data.path={tiny_corpus.parent}", f"output_dir={tmp_path}"]
+    assert train.main(common + ["kernel=torch", "run_name=torch"]) == 0
+    assert train.main(common + ["kernel=auto", "run_name=auto"]) == 0
+    reference, auto = losses(tmp_path / "torch"), losses(tmp_path / "auto")
+    records = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    on_kernel = [r["kernel/layers_on_kernel"] for r in records]
+    assert on_kernel[0] == 0 and on_kernel[-1] == 4, on_kernel
+    assert on_kernel == sorted(on_kernel), on_kernel  # once on the kernels, a layer stays there
+    assert len(reference) == len(auto) == 30
+    for ref, got in zip(reference, auto):
+        assert abs(ref - got) < 0.02 * ref + 0.02
+
+
 def test_twell_and_auto_inference_match_the_reference_eval(tmp_path, tiny_corpus):
     cfg = compose_config(SMALL + ["max_steps=30", "eval_batches=4", "data=shards", f"data.path={tiny_corpus.parent}",
                                   f"output_dir={tmp_path}", "run_name=eval"])
