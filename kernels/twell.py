@@ -86,12 +86,12 @@ def current_config() -> FusedConfig:
 # mean active count over the 99.5 / 98.9 / 98 / 95 % levels of `python -m sparse_llm.kernels.bench
 # inference` (131072 tokens, bf16). Source of each number: NOTES_twell.md (device, date).
 MEASURED_CROSSOVER: dict[tuple[int, int], float] = {
-    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24, gate stage twell_gate.cu:
-    # kernels/results/bench_v4_h100.log
-    (2048, 5632): 0.01314,  # 74.0 active / token
-    (2048, 8192): 0.01166,  # 95.5
-    (4096, 11008): 0.00953,  # 104.9 (4 neuron passes: the weights are 3.4x L2)
-    (1024, 2816): 0.01434,  # 40.4
+    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24, gate stage twell_gate.cu v5:
+    # kernels/results/bench_v5_h100.log
+    (2048, 5632): 0.01353,  # 76.2 active / token
+    (2048, 8192): 0.01245,  # 102.0
+    (4096, 11008): 0.00992,  # 109.2 (4 neuron passes: the weights are 3.4x L2)
+    (1024, 2816): 0.01659,  # 46.7
 }
 # Used only if the table above is empty: DESIGN.md section 6's estimate (~60 active / 5632).
 FALLBACK_CROSSOVER = 0.0100
@@ -190,8 +190,9 @@ def pack_defines(tile: int, slots: int, dtype: torch.dtype, unroll: int = 4) -> 
 
 def gate_shared_bytes(stages: int) -> int:
     """Dynamic shared memory of twell_gate.cu (TG_SMEM_BYTES): alignment slack, the pipeline stages
-    (a 128 x 64 X tile and a 256 x 64 Wg tile each) and their mbarriers."""
-    return 1024 + stages * (_GATE_BLOCK_ROWS + GATE_KERNEL_TILE) * _GATE_BLOCK_K * 2 + 2 * stages * 8
+    (a 128 x 64 X tile and a 256 x 64 Wg tile each), the 8 consumer warps' 4 KB epilogue scratch
+    and the mbarriers."""
+    return 1024 + stages * (_GATE_BLOCK_ROWS + GATE_KERNEL_TILE) * _GATE_BLOCK_K * 2 + 8 * 4096 + 2 * stages * 8
 
 
 def gate_defines(slots: int, dtype: torch.dtype, stages: int = 4, cluster: int = 2,

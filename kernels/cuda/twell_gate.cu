@@ -40,8 +40,10 @@ static_assert(TW_TILE == TG_BN, "the fused gate kernel packs 256-column tiles (T
 
 #if TW_DTYPE == 0
 #define TG_AB "bf16.bf16"
+#define TG_ROUNDS_TO_ZERO 0x1p-134f  // half the smallest bf16 subnormal: ties round to even, to 0
 #else
 #define TG_AB "f16.f16"
+#define TG_ROUNDS_TO_ZERO 0x1p-25f  // half the smallest fp16 subnormal
 #endif
 
 // The driver's CUtensorMap (cuTensorMapEncodeTiled), passed by value.
@@ -54,7 +56,8 @@ struct __align__(64) TgTensorMap {
 #define TG_STAGE_BYTES (TG_A_BYTES + TG_B_BYTES)
 #define TG_B_SLICE_ROWS (TG_BN / TG_CLUSTER)  // rows of the Wg tile each CTA of a cluster loads
 // dynamic shared memory the launcher must give: 1024 bytes of alignment slack, the stages, barriers
-#define TG_SMEM_BYTES (1024 + TG_STAGES * TG_STAGE_BYTES + 2 * TG_STAGES * 8)
+#define TG_SCRATCH_BYTES (32 * 32 * 4)  // per consumer warp: 32 rounded pairs of each lane
+#define TG_SMEM_BYTES (1024 + TG_STAGES * TG_STAGE_BYTES + TG_CONSUMER_WARPS * TG_SCRATCH_BYTES + 2 * TG_STAGES * 8)
 static_assert(TG_SMEM_BYTES <= 232448, "TG_STAGES: at most 4 stages fit in 227 KB of shared memory");
 
 __device__ __forceinline__ unsigned tg_smem_addr(const void* p) {
@@ -199,19 +202,23 @@ __device__ __forceinline__ void tg_mma(float (&d)[128], unsigned long long desc_
 // one 256-column tile. The row's 256 values are spread over the 4 threads of a quad, thread q holding
 // columns 8 i + 2 q + {0, 1}; ascending slot order interleaves the quad, so each active element's rank
 // counts the quad's active elements in earlier column groups and earlier threads of its own group.
+// The rounded pairs go to the warp's shared-memory scratch (word i of lane l at 4 (32 i + l): no bank
+// conflicts), so the slot loop visits only the thread's active elements with a run-time index (a
+// register array indexed at run time would live in local memory).
 template <int H>
-__device__ __forceinline__ void tg_pack_row(float (&d)[128], long long row, int n_rows, int ktile, int nt, int d_ff,
-                                            int lane, tw_u16* __restrict__ gate, int* __restrict__ counts,
-                                            tw_u32* __restrict__ slots, int* __restrict__ stats,
-                                            int* __restrict__ row_total) {
+__device__ __forceinline__ void tg_pack_row(const float (&d)[128], unsigned scratch, long long row, int n_rows,
+                                            int ktile, int nt, int d_ff, int lane, tw_u16* __restrict__ gate,
+                                            int* __restrict__ counts, tw_u32* __restrict__ slots,
+                                            int* __restrict__ stats, int* __restrict__ row_total) {
   const int q = lane & 3;
+  const unsigned mine = scratch + 4 * lane;
   unsigned mlo = 0u, mhi = 0u;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    const tw_u32 w = tw_pack2(d[4 * i + 2 * H], d[4 * i + 2 * H + 1]);
-    d[4 * i + 2 * H] = __uint_as_float(w);
-    mlo |= (tw_positive(w & 0xFFFFu) ? 1u : 0u) << i;
-    mhi |= (tw_positive(w >> 16) ? 1u : 0u) << i;
+  for (int i = 0; i < 32; ++i) {  // > 0 after rounding to 16 bits iff > TG_ROUNDS_TO_ZERO (NaN: false)
+    mlo |= (d[4 * i + 2 * H] > TG_ROUNDS_TO_ZERO ? 1u : 0u) << i;
+    mhi |= (d[4 * i + 2 * H + 1] > TG_ROUNDS_TO_ZERO ? 1u : 0u) << i;
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(mine + 128 * i), "r"(tw_pack2(d[4 * i + 2 * H], d[4 * i + 2 * H + 1]))
+                 : "memory");
   }
   unsigned ql[4], qh[4];
   int total = 0;
@@ -223,34 +230,32 @@ __device__ __forceinline__ void tg_pack_row(float (&d)[128], long long row, int 
   }
   if (row >= n_rows) return;
   const long long task = row * nt + ktile;
-  if (total > 0) {
-    tw_u32* sp = slots + task * TW_SLOTS;
+  tw_u32* sp = slots + task * TW_SLOTS;
+  for (unsigned bits = mlo | mhi; bits != 0u; bits &= bits - 1u) {
+    const int i = __ffs(bits) - 1;
+    const unsigned below = (1u << i) - 1u;
+    int rank = 0;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      if (((mlo | mhi) >> i) & 1u) {
-        const unsigned below = (1u << i) - 1u;
-        int rank = 0;
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          rank += __popc(ql[p] & below) + __popc(qh[p] & below);
-          if (p < q) rank += (int)((ql[p] >> i) & 1u) + (int)((qh[p] >> i) & 1u);
-        }
-        const tw_u32 w = __float_as_uint(d[4 * i + 2 * H]);
-        const tw_u32 col = (tw_u32)(8 * i + 2 * q);
-        if ((mlo >> i) & 1u) {
-          if (rank < TW_SLOTS) sp[rank] = (w << 16) | col;
-          ++rank;
-        }
-        if (((mhi >> i) & 1u) && rank < TW_SLOTS) sp[rank] = (w & 0xFFFF0000u) | (col + 1u);
-      }
+    for (int p = 0; p < 4; ++p) {
+      rank += __popc(ql[p] & below) + __popc(qh[p] & below);
+      if (p < q) rank += (int)((ql[p] >> i) & 1u) + (int)((qh[p] >> i) & 1u);
     }
+    tw_u32 w;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w) : "r"(mine + 128 * i) : "memory");
+    const tw_u32 col = (tw_u32)(8 * i + 2 * q);
+    if ((mlo >> i) & 1u) {
+      if (rank < TW_SLOTS) sp[rank] = (w << 16) | col;
+      ++rank;
+    }
+    if (((mhi >> i) & 1u) && rank < TW_SLOTS) sp[rank] = (w & 0xFFFF0000u) | (col + 1u);
   }
   if (TG_WRITE_ALL || total > TW_SLOTS) {  // the dense backup of an overflowing tile (exact fallback)
     tw_u16* grow = gate + row * d_ff + (long long)ktile * TG_BN;
-#pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int col = 8 * i + 2 * q;
-      if (ktile * TG_BN + col < d_ff) *reinterpret_cast<tw_u32*>(grow + col) = __float_as_uint(d[4 * i + 2 * H]);
+      tw_u32 w;
+      asm volatile("ld.shared.b32 %0, [%1];" : "=r"(w) : "r"(mine + 128 * i) : "memory");
+      if (ktile * TG_BN + col < d_ff) *reinterpret_cast<tw_u32*>(grow + col) = w;
     }
   }
   if (q == 0) {
@@ -284,7 +289,8 @@ twell_gate_pack(const __grid_constant__ TgTensorMap map_x,  // X [n_rows, d_mode
                 int n_rows, int d_ff, int d_model) {
   extern __shared__ unsigned char tg_raw[];
   const unsigned base = (tg_smem_addr(tg_raw) + 1023u) & ~1023u;  // swizzled tiles need 1024-byte alignment
-  const unsigned bars = base + TG_STAGES * TG_STAGE_BYTES;         // full[s], then empty[s]
+  const unsigned scratch = base + TG_STAGES * TG_STAGE_BYTES;      // the consumer warps' epilogue scratch
+  const unsigned bars = scratch + TG_CONSUMER_WARPS * TG_SCRATCH_BYTES;  // full[s], then empty[s]
   const int nt = (d_ff + TG_BN - 1) / TG_BN;
   // a cluster's tile: TG_CLUSTER x 128 rows (CTA `rank` takes the rank-th 128) by 256 columns
   const int n_tiles = ((n_rows + TG_BM * TG_CLUSTER - 1) / (TG_BM * TG_CLUSTER)) * nt;
@@ -361,8 +367,9 @@ twell_gate_pack(const __grid_constant__ TgTensorMap map_x,  // X [n_rows, d_mode
       tg_fence_acc(d);
       if (lane == 0) tg_release(bars + 8 * (TG_STAGES + (it - 1) % TG_STAGES));
       const long long row = (long long)m0 + half * 64 + warp * 16 + lane / 4;
-      tg_pack_row<0>(d, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-      tg_pack_row<1>(d, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
+      const unsigned mine = scratch + (half * 4 + warp) * TG_SCRATCH_BYTES;
+      tg_pack_row<0>(d, mine, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
+      tg_pack_row<1>(d, mine, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
     }
   }
   if (TG_CLUSTER > 1) tg_cluster_sync();
