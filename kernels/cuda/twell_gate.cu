@@ -16,7 +16,8 @@
 //  - warpgroups 1 and 2: each owns 64 rows of the tile, runs wgmma m64n256k16 from shared memory
 //    into float32 accumulators (128 registers a thread), frees each stage through its `empty`
 //    mbarrier (in every CTA of the cluster: a stage is refilled by all of them), then packs its
-//    rows straight from the registers while the copy engine already fills the ring for the next tile.
+//    rows from the registers (through a 4 KB shared-memory scratch per warp, so that only active
+//    elements are visited) while the copy engine already fills the ring for the next tile.
 // Accumulator layout (wgmma m64nNk16, f32): thread l of warp w holds rows 16 w + l / 4 (+ 8) and
 // columns 8 i + 2 (l % 4) (+ 1), i = 0..31: registers 4 i + {0, 1} (row) and 4 i + {2, 3} (row + 8).
 #include "twell_common.cuh"
@@ -55,8 +56,9 @@ struct __align__(64) TgTensorMap {
 #define TG_B_BYTES (TG_BN * TG_BK * 2)
 #define TG_STAGE_BYTES (TG_A_BYTES + TG_B_BYTES)
 #define TG_B_SLICE_ROWS (TG_BN / TG_CLUSTER)  // rows of the Wg tile each CTA of a cluster loads
-// dynamic shared memory the launcher must give: 1024 bytes of alignment slack, the stages, barriers
 #define TG_SCRATCH_BYTES (32 * 32 * 4)  // per consumer warp: 32 rounded pairs of each lane
+// dynamic shared memory the launcher must give (twell.gate_shared_bytes): 1024 bytes of alignment
+// slack, the stages, the consumer warps' scratch, the barriers
 #define TG_SMEM_BYTES (1024 + TG_STAGES * TG_STAGE_BYTES + TG_CONSUMER_WARPS * TG_SCRATCH_BYTES + 2 * TG_STAGES * 8)
 static_assert(TG_SMEM_BYTES <= 232448, "TG_STAGES: at most 4 stages fit in 227 KB of shared memory");
 
