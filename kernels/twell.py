@@ -268,10 +268,15 @@ def gate_kernel_supported(device: torch.device, dtype: torch.dtype, tile: int, s
 
 
 @functools.lru_cache(maxsize=None)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+@functools.lru_cache(maxsize=None)
 def _encoder():
     """The driver's cuTensorMapEncodeTiled through ctypes (None if the driver library lacks it)."""
     try:
-        fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+        fn = _libcuda().cuTensorMapEncodeTiled
     except (OSError, AttributeError):
         return None
     u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
@@ -314,7 +319,7 @@ def _resident_clusters(kernel, cluster: int, shared: int, sms: int) -> int:
         kernel.max_dynamic_shared_size_bytes = shared
         count = sms // cluster
         if cluster > 1:
-            query = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveClusters
+            query = _libcuda().cuOccupancyMaxActiveClusters
             config = _LaunchConfig((cluster * count, 1, 1), (384, 1, 1), shared, None, None, 0)
             found = ctypes.c_int(0)
             function = getattr(kernel, "kernel", kernel)  # CuPy RawKernel -> its driver Function
@@ -346,6 +351,9 @@ def twell_gate_pack(x2d: torch.Tensor, w_gate: torch.Tensor, slots: int = DEFAUL
         return gate, counts, packed, stats
     cfg = config or current_config()
     stages, cluster = cfg.gate_stages, cfg.gate_cluster
+    if not 1 <= stages <= 4 or cluster not in (1, 2, 4):
+        raise ValueError(f"FusedConfig.gate_stages must be in 1..4 (got {stages}) and gate_cluster 1, 2 or 4 "
+                         f"(got {cluster}): four 48 KB stages fill the shared memory")
     defines = gate_defines(slots, x2d.dtype, stages, cluster, write_all)
     kernel = get_kernel("twell_gate.cu", "twell_gate_pack", x2d.device, **defines)
     shared = gate_shared_bytes(stages)

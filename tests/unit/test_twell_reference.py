@@ -139,3 +139,12 @@ def test_nvcc_compiles(source, arch):
             assert _spills(report) == 0, f"{source} {defines} spills registers:\n{report}"
         if source == "twell_gate.cu":  # ptxas serialises the wgmma pipeline when registers run short
             assert "C7511" not in report and "C7519" not in report, f"{defines}:\n{report}"
+
+
+def test_gate_kernel_config_errors_name_the_field():
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.bfloat16)
+    for bad in (twell.FusedConfig(gate_stages=5), twell.FusedConfig(gate_cluster=3)):
+        with pytest.raises(ValueError, match="gate_stages|gate_cluster"):
+            twell.twell_gate_pack(x, w, config=bad)
+    assert not twell.gate_kernel_supported(torch.device("cpu"), torch.bfloat16, 256, 32)
+    assert twell.gate_shared_bytes(4) <= 232448 < twell.gate_shared_bytes(5)
