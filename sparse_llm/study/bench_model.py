@@ -87,7 +87,7 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
         cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len * world.size  # one micro-batch a step
         validate(cfg, world.size)
         trainer = build_trainer(cfg, world)
-        tokens = trainer.train_loader.next_batch()[0][:1].to(world.device)
+        tokens = trainer.train_loader.next_batch()[0].to(world.device)  # a whole micro-batch: sequences differ
         layer_active = calibrate_gate_sparsity(trainer.model, tokens, active) if cfg.sparsity.ffn != "swiglu" else []
         try:
             meter = EnergyMeter(nvml_energy_reader(world.device))
