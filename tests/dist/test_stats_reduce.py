@@ -120,6 +120,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         gates = [block.ffn.gate.weight.full_tensor() for block in model.blocks]
         if rank == 0:
             torch.save({"out": out, "gates": gates}, Path(out_dir) / "rank0.pt")
+        # both ranks reach the teardown together: a gloo peer closing its pairs while the other is
+        # still inside destroy_process_group aborted rank 0 once in CI ("terminate called without an
+        # active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
