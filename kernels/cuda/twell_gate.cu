@@ -96,16 +96,6 @@ __device__ __forceinline__ void tg_bar_wait(unsigned bar, unsigned parity) {
       "@!done bra TG_WAIT;\n"
       "}\n" ::"r"(bar), "r"(parity) : "memory");
 }
-// The same, ordered after the arrivals of other CTAs of the cluster (the `empty` barriers).
-__device__ __forceinline__ void tg_bar_wait_cluster(unsigned bar, unsigned parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "TG_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra TG_WAIT;\n"
-      "}\n" ::"r"(bar), "r"(parity) : "memory");
-}
 
 __device__ __forceinline__ unsigned tg_cluster_rank() {
   unsigned r;
@@ -323,7 +313,7 @@ twell_gate_pack(const __grid_constant__ TgTensorMap map_x,  // X [n_rows, d_mode
         const int n0 = (tile % nt) * TG_BN;
         for (int kb = 0; kb < kblocks; ++kb, ++it) {
           const int s = it % TG_STAGES;
-          tg_bar_wait_cluster(bars + 8 * (TG_STAGES + s), ((it / TG_STAGES) & 1) ^ 1);
+          tg_bar_wait(bars + 8 * (TG_STAGES + s), ((it / TG_STAGES) & 1) ^ 1);
           const unsigned full = bars + 8 * s;
           const unsigned a = base + s * TG_STAGE_BYTES;
           tg_bar_expect_tx(full, TG_STAGE_BYTES);  // X tile + the whole Wg tile, whichever CTA loads it
