@@ -106,11 +106,17 @@ def ptr(tensor: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if tensor is None else tensor.data_ptr())
 
 
+def allow_shared_mem(kernel, shared_mem: int) -> None:
+    """Raise `kernel`'s dynamic shared memory limit to `shared_mem` bytes (a driver call, made once
+    per size increase); launches and occupancy queries above 48 KB need it."""
+    if shared_mem > _SHARED_MEM_LIMIT.get(id(kernel), 48 * 1024):
+        kernel.max_dynamic_shared_size_bytes = shared_mem
+        _SHARED_MEM_LIMIT[id(kernel)] = shared_mem
+
+
 def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
     """Launch on torch's current stream, so kernels order with torch ops and CUDA-graph capture works."""
-    if shared_mem > _SHARED_MEM_LIMIT.get(id(kernel), 48 * 1024):
-        kernel.max_dynamic_shared_size_bytes = shared_mem  # a driver call: made once per size increase
-        _SHARED_MEM_LIMIT[id(kernel)] = shared_mem
+    allow_shared_mem(kernel, shared_mem)
     with _cupy_stream(torch.cuda.current_stream()):
         kernel(grid, block, args, shared_mem=shared_mem)
 

@@ -314,9 +314,11 @@ def _resident_clusters(kernel, cluster: int, shared: int, sms: int) -> int:
     """Clusters of `kernel` the GPU runs at once (cuOccupancyMaxActiveClusters). A persistent grid
     must not ask for more: the clusters that do not fit would start only when others end and
     double the time (a GPC's SM count need not be a multiple of the cluster size)."""
+    from sparse_llm.kernels.loader import allow_shared_mem
+
     key = (id(kernel), shared)
     if key not in _RESIDENT_CLUSTERS:
-        kernel.max_dynamic_shared_size_bytes = shared
+        allow_shared_mem(kernel, shared)
         count = sms // cluster
         if cluster > 1:
             query = _libcuda().cuOccupancyMaxActiveClusters
