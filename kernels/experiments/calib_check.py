@@ -1,0 +1,52 @@
+"""Where does bench_model's sparsity drift come from? Calibrate the 0.5B model's gates (the whole
+micro-batch A, as bench_model does, or with --one-sequence its first sequence, as it used to), then
+measure the active units per layer on A, on another batch B, and on B after 12 training steps.
+
+    PYTHONPATH=$PWD:/tmp/site python kernels/experiments/calib_check.py [--one-sequence]
+"""
+import sys
+import tempfile
+import torch
+from sparse_llm.config import compose_config, validate
+from sparse_llm.parallel.distributed import init_distributed, shutdown
+from sparse_llm.train.run import build_trainer
+from sparse_llm.study.bench_model import calibrate_gate_sparsity
+from sparse_llm.model.ffn import FeedForward
+
+world = init_distributed("cuda")
+
+@torch.no_grad()
+def measure(model, tokens):
+    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+    seen = []
+    hooks = [f.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for f in ffns]
+    model(tokens)
+    for h in hooks:
+        h.remove()
+    out = []
+    for f, x in zip(ffns, seen):
+        w = f.gate.weight.full_tensor() if hasattr(f.gate.weight, "full_tensor") else f.gate.weight
+        g = x.reshape(-1, x.shape[-1]).to(w.dtype) @ w.t()
+        out.append(round(float((g > 0).sum(1).float().mean()), 1))
+    return out
+
+with tempfile.TemporaryDirectory() as tmp:
+    cfg = compose_config(["model=0p5b", "sparsity=l1", "kernel=hybrid", "data=synthetic", "eval_batches=0",
+                          "logging.wandb.mode=disabled", "checkpoint.resume=false", f"output_dir={tmp}",
+                          "max_steps=12", "logging.interval=12", "optim.lr=1e-7", "schedule.warmup_steps=0",
+                          "telemetry.energy=false", "checkpoint.interval=1000000"])
+    cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len
+    validate(cfg, 1)
+    trainer = build_trainer(cfg, world)
+    a = trainer.train_loader.next_batch()[0].to(world.device)
+    b = trainer.train_loader.next_batch()[0].to(world.device)
+    calibration = a[:1] if "--one-sequence" in sys.argv else a
+    print("calibrated:", [round(v, 1) for v in calibrate_gate_sparsity(trainer.model, calibration, 29)], flush=True)
+    print("same seq, bf16 product:", measure(trainer.model, a[:1]), flush=True)
+    print("whole batch A:", measure(trainer.model, a), flush=True)
+    print("batch B:", measure(trainer.model, b), flush=True)
+    last = trainer.fit()
+    print("metric after 12 steps:", last.get("sparsity/active_per_token/mean"), flush=True)
+    print("batch B after steps:", measure(trainer.model, b), flush=True)
+    trainer.logger.close()
+shutdown()
