@@ -28,6 +28,12 @@ _DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
 DW_SPLIT_TOKENS = 512
+# hy_forward and hy_dx: up to SPLIT_ROWS rows with at least SPLIT_ROW_UNITS active units (the longest)
+# are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
+# positions of each sequence activate hundreds to thousands of units where the mean is ~30.
+SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
+BACKWARD_ELL_WIDTH = 512
+ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
 # hy_forward's __launch_bounds__ min-blocks (1: 168 registers, 3 CTAs of 4 warps per SM).
 FWD_MIN_BLOCKS = 1
 
@@ -37,6 +43,13 @@ def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
     if width < 1:
         raise ValueError(f"ell_width must be >= 1, got {width}")
     return min(width, max(d_ff, 1))
+
+
+def backward_ell_width(width: int, d_ff: int) -> int:
+    """Width of the (dg, du) ELL that hy_dw hands to hy_dx: wider than the saved (a, u) ELL, since it
+    lives only through the backward (N x 512 x 8 bytes), so that hy_dx recomputes (three extra row
+    reads a pair) only for rows past BACKWARD_ELL_WIDTH units."""
+    return max(width, min(BACKWARD_ELL_WIDTH, d_ff))
 
 
 def shape_supported(d_model: int, d_ff: int) -> bool:
@@ -64,8 +77,8 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_transpose", "hy_dw", "hy_dw_zero", "hy_dw_finish", "hy_dx",
-                "hy_transpose16")
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw", "hy_dw_zero", "hy_dw_finish",
+                "hy_dx", "hy_transpose16")
 
 
 def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
@@ -111,10 +124,38 @@ def _transpose16(t: Tensor) -> Tensor:
     return out
 
 
-def _heavy_first(tprefix: Tensor) -> Tensor:
-    """Token order for the warp-per-token kernels: rows with the most active units first (by the
-    count before the last tile), so that a long row starts early instead of finishing last."""
-    return torch.argsort(tprefix[:, -1], descending=True).to(torch.int32)
+def _row_lengths(tprefix: Tensor) -> Tensor:
+    """Active units of each row before its last tile (a cheap lower bound of the row's count)."""
+    return tprefix[:, -1]
+
+
+def _row_plan(tprefix: Tensor) -> tuple[Tensor, Tensor, int]:
+    """For the warp-per-token kernels: the token order (most active rows first, so that a long row
+    starts early instead of finishing last), how many of its first rows are split over ROW_PARTS
+    warps (a device scalar: no host sync), and the static bound R on that number."""
+    lengths = _row_lengths(tprefix)
+    order = torch.argsort(lengths, descending=True).to(torch.int32)
+    split = (lengths >= SPLIT_ROW_UNITS).sum(dtype=torch.int32)
+    return order, split, min(SPLIT_ROWS, lengths.shape[0])
+
+
+def _row_grid(n: int, rows: int) -> tuple[int]:
+    """hy_forward / hy_dx grid: the CTAs of the split rows' parts, then a token per warp."""
+    return (rows * ROW_PARTS // _FWD_WARPS + (n + _FWD_WARPS - 1) // _FWD_WARPS,)
+
+
+def _finish_rows(part, part_l1, part_tc, order, split, out, l1_tok, tile_counts, rows, nt, gated):
+    """hy_rows_finish: the split rows' float32 parts (and forward statistics) into the outputs."""
+    import numpy as np
+
+    from sparse_llm.kernels.loader import ptr
+
+    n, d_model = out.shape
+    if rows == 0:
+        return
+    launch(_kernel("hy_rows_finish", out.device, d_model, gated, out.dtype), (rows,), (d_model // 8,),
+           (ptr(part), ptr(part_l1), ptr(part_tc), ptr(order), ptr(split), ptr(out), ptr(l1_tok),
+            ptr(tile_counts), np.int32(rows), np.int32(n), np.int32(nt)))
 
 
 def _fwd_cuda(x, w_gate, w_up, w_down, width):
@@ -142,12 +183,16 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
         i32 = np.int32
         launch(_kernel("hy_pack", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
                (ptr(g), ptr(mrow), ptr(tprefix), ptr(ell), i32(n), i32(d_ff), i32(width)))
-        order = _heavy_first(tprefix)
-        launch(_kernel("hy_forward", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
-               (_FWD_WARPS * 32,),
+        order, split_rows, rows = _row_plan(tprefix)
+        part_y = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)
+        part_l1 = torch.empty(rows, ROW_PARTS, dtype=torch.float32, device=dev)
+        part_tc = torch.empty(rows, ROW_PARTS, nt, dtype=torch.int32, device=dev)
+        launch(_kernel("hy_forward", dev, d_model, gated, dt), _row_grid(n, rows), (_FWD_WARPS * 32,),
                (ptr(x), ptr(g), ptr(w_up), ptr(wdt), ptr(mrow), ptr(y), ptr(ell), ptr(l1_tok),
-                ptr(tile_counts), ptr(neuron_counts), ptr(order), i32(n), i32(d_ff), i32(width)),
+                ptr(tile_counts), ptr(neuron_counts), ptr(order), ptr(split_rows), ptr(part_y), ptr(part_l1),
+                ptr(part_tc), i32(rows), i32(n), i32(d_ff), i32(width)),
                shared_mem=_FWD_WARPS * nt * 4)
+        _finish_rows(part_y, part_l1, part_tc, order, split_rows, y, l1_tok, tile_counts, rows, nt, gated)
     return y, l1_tok.sum(), tile_counts, neuron_counts, mrow, tprefix, ell
 
 
@@ -168,7 +213,8 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     nw, wc = ref.words(d_ff), (n + 31) // 32
     i32 = np.int32
     mcol = torch.empty(d_ff, wc, dtype=torch.int32, device=dev)
-    ell_d = torch.empty(n, width, 2, dtype=torch.float32, device=dev)
+    width_d = backward_ell_width(width, d_ff)
+    ell_d = torch.empty(n, width_d, 2, dtype=torch.float32, device=dev)
     dwg = torch.empty(d_ff, d_model, dtype=dt, device=dev)
     dwu = torch.empty(d_ff, d_model, dtype=dt, device=dev) if gated else None
     dwdt = torch.empty(d_ff, d_model, dtype=dt, device=dev)
@@ -178,8 +224,8 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
-    split = DW_SPLIT_TOKENS
-    items = (neuron_counts.to(torch.int32) + (split - 1)).div_(split, rounding_mode="floor").clamp_min_(1)
+    part = DW_SPLIT_TOKENS
+    items = (neuron_counts.to(torch.int32) + (part - 1)).div_(part, rounding_mode="floor").clamp_min_(1)
     item_start = torch.zeros(d_ff + 1, dtype=torch.int32, device=dev)
     item_start[1:] = torch.cumsum(items, 0, dtype=torch.int32)
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
@@ -188,15 +234,18 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     launch(_kernel("hy_dw", dev, d_model, gated, dt), (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-            ptr(acc), i32(split), i32(n), i32(d_ff), i32(width)),
+            ptr(acc), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d)),
            shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:
-        launch(_kernel("hy_dx", dev, d_model, gated, dt), ((n + _FWD_WARPS - 1) // _FWD_WARPS,),
-               (_FWD_WARPS * 32,),
+        order, split_rows, rows = _row_plan(tprefix)
+        part_dx = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)
+        launch(_kernel("hy_dx", dev, d_model, gated, dt), _row_grid(n, rows), (_FWD_WARPS * 32,),
                (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(ell_d),
-                ptr(dl1), ptr(dx), ptr(_heavy_first(tprefix)), i32(n), i32(d_ff), i32(width)))
+                ptr(dl1), ptr(dx), ptr(order), ptr(split_rows), ptr(part_dx), i32(rows), i32(n), i32(d_ff),
+                i32(width_d)))
+        _finish_rows(part_dx, None, None, order, split_rows, dx, None, None, rows, ref.tiles(d_ff), gated)
     dwd = _transpose16(dwdt)
     if gated:
         return dx, dwg, dwu, dwd

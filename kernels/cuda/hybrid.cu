@@ -8,13 +8,16 @@
 //
 // Kernels (one module per (HY_D, HY_GATED, HY_DTYPE)):
 //   hy_pack       G [N, FF] -> row bitmask mrow [N, FF/32] + per-256-tile exclusive rank prefix
-//   hy_forward    warp per token: u, h, y, ELL (a, u) for ranks < W, l1 per token, stats
+//   hy_forward    warp per token (long rows split over ROW_PARTS warps): u, h, y, ELL (a, u)
+//                 for ranks < W, l1 per token, stats
+//   hy_rows_finish  adds the float32 parts of the long rows (y and stats, or dX)
 //   hy_transpose  mrow -> column bitmask mcol [FF, ceil(N/32)] (the neuron-major index)
 //   hy_dw         CTA per work item (a unit's tokens, split into parts where it fires on many):
 //                 dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32 accumulation in
-//                 registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du)
+//                 registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du), WD wide
+//                 (WD >= W: it lives only through the backward)
 //   hy_dw_zero, hy_dw_finish  zero / write out the fp32 rows of the split units
-//   hy_dx         warp per token: dX = sum_j dg Wg_j + du Wu_j
+//   hy_dx         warp per token (long rows split): dX = sum_j dg Wg_j + du Wu_j
 // A pair whose rank in its row is >= W (a row past the ELL width) has no stored values: every
 // kernel recomputes them from x and the weight rows it streams anyway (the dense backup row is
 // the row's bitmask, which always exists), so nothing is ever dropped and all sizes are static.
@@ -293,23 +296,82 @@ hy_transpose(const hy_u32* __restrict__ mrow, hy_u32* __restrict__ mcol, int N, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// hy_forward: warp per token. Lane l holds columns (c*32 + l)*8 .. +7 of x and of y, c < NC.
-// WG_or_G: G (the gate GEMM output, bf16/fp16 [N, FF]) gives a for every active pair.
+// Long rows. The warp-per-token kernels (hy_forward, hy_dx) take tokens in `order`, most active
+// first. In whole models a few tokens (the first positions of each sequence) activate hundreds to
+// thousands of units where the mean is ~30, and one warp alone would make such a row the kernel's
+// tail. So the first `split` tokens of the order (at most R, those with at least the host's
+// threshold of units) are split: ROW_PARTS warps each take the row's pairs of rank = part (mod
+// ROW_PARTS) and write float32 partial sums to PART [R][ROW_PARTS][D] (and the forward's statistics
+// to their own slots), which hy_rows_finish adds in a fixed order: results stay deterministic.
+// Grid: R * ROW_PARTS / FWD_WARPS CTAs of parts, then ceil(N / FWD_WARPS) CTAs of a token per warp.
+
+constexpr int ROW_PARTS = 16;
+static_assert(ROW_PARTS % FWD_WARPS == 0 && (ROW_PARTS & (ROW_PARTS - 1)) == 0, "ROW_PARTS: power of two");
+
+struct hy_work {
+  int t;       // token
+  int part;    // part of a split row, or -1: the whole row
+  int index;   // position in the order (split rows: < split)
+};
+
+// This warp's work, or t < 0 for none. Uniform across a CTA's warps for split rows.
+__device__ __forceinline__ hy_work hy_row_work(const int* __restrict__ order, const int* __restrict__ split_count,
+                                               int R, int N) {
+  const int warp = threadIdx.x >> 5;
+  const int split = hy_min(hy_min(split_count ? __ldg(split_count) : 0, R), N);
+  const int part_ctas = R * (ROW_PARTS / FWD_WARPS);
+  hy_work w;
+  if ((int)blockIdx.x < part_ctas) {
+    w.index = blockIdx.x / (ROW_PARTS / FWD_WARPS);
+    w.part = (blockIdx.x % (ROW_PARTS / FWD_WARPS)) * FWD_WARPS + warp;
+  } else {
+    w.index = split + ((int)blockIdx.x - part_ctas) * FWD_WARPS + warp;
+    w.part = -1;
+  }
+  const bool valid = w.part >= 0 ? w.index < split : w.index < N;
+  w.t = valid ? __ldg(order + w.index) : -1;
+  return w;
+}
+
+// float32 row (lane's columns (c*32 + lane)*8 .. +7) to dst[0 .. D)
+__device__ __forceinline__ void hy_store_part(float* __restrict__ dst, const float acc[NC][8]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    float4* q = reinterpret_cast<float4*>(dst + (c * 32 + lane) * 8);
+    q[0] = make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
+    q[1] = make_float4(acc[c][4], acc[c][5], acc[c][6], acc[c][7]);
+  }
+}
+
+__device__ __forceinline__ void hy_zero_acc(float acc[NC][8]) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[c][k] = 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_forward: warp per token (or per part of a long row). Lane l holds columns (c*32 + l)*8 .. +7
+// of x and of y, c < NC. G (the gate GEMM output, [N, FF]) gives a for pairs past the ELL.
 
 extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, HY_FWD_MINB)
 hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_u16* __restrict__ WU,
            const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow, hy_u16* __restrict__ Y,
            float2* ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,
-           int* __restrict__ neuron_counts, const int* __restrict__ order, int N, int FF, int W) {
+           int* __restrict__ neuron_counts, const int* __restrict__ order, const int* __restrict__ split_count,
+           float* __restrict__ part_y, float* __restrict__ part_l1, int* __restrict__ part_tc, int R, int N,
+           int FF, int W) {
   extern __shared__ int s_tc[];  // [FWD_WARPS][nt]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nw = FF >> 5, nt = (FF + 255) >> 8;
   int* tc = s_tc + warp * nt;
   for (int i = lane; i < nt; i += 32) tc[i] = 0;
   __syncwarp();
-  const int slot = blockIdx.x * FWD_WARPS + warp;
-  if (slot >= N) return;
-  const int t = order ? __ldg(order + slot) : slot;
+  const hy_work work = hy_row_work(order, split_count, R, N);
+  if (work.t < 0) return;
+  const int t = work.t;
+  const int sel = work.part < 0 ? 0 : work.part, step = work.part < 0 ? 1 : ROW_PARTS;
   const hy_pol pol_w = hy_pol_last(), pol_s = hy_pol_first();
 
 #if HY_GATED
@@ -321,10 +383,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
   }
 #endif
   float acc[NC][8];
-#pragma unroll
-  for (int c = 0; c < NC; ++c)
-#pragma unroll
-    for (int k = 0; k < 8; ++k) acc[c][k] = 0.f;
+  hy_zero_acc(acc);
 
   float l1 = 0.f;
   int rank = 0;
@@ -333,7 +392,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
   const hy_u16* grow = G + (size_t)t * FF;
   for (int wb = 0; wb < nw; wb += 32) {
     hy_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
-    for (;;) {
+    for (;; ++rank) {
       const hy_u32 bal = __ballot_sync(HY_FULL, word != 0u);
       if (bal == 0u) break;
       const int src = __ffs(bal) - 1;
@@ -346,6 +405,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
         a_pref = (r < W) ? __ldg(&ell[(size_t)t * W + r].x) : 0.f;
       }
       const float a_ell = __shfl_sync(HY_FULL, a_pref, rank & 31);
+      if ((rank & (step - 1)) != sel) continue;
       const float a = (rank < W) ? a_ell : hy_e2f(grow[j]);
       const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
       uint4 wd[NC];
@@ -375,53 +435,83 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
           l1 += fabsf(h);
         }
       }
-      ++rank;
     }
+  }
+  __syncwarp();
+  if (work.part >= 0) {  // a part of a long row: partial sums for hy_rows_finish
+    const size_t slot = (size_t)work.index * ROW_PARTS + work.part;
+    hy_store_part(part_y + slot * D, acc);
+    if (lane == 0) part_l1[slot] = l1;
+    for (int i = lane; i < nt; i += 32) part_tc[slot * nt + i] = tc[i];
+    return;
   }
   uint4* yrow = reinterpret_cast<uint4*>(Y + (size_t)t * D);
 #pragma unroll
   for (int c = 0; c < NC; ++c) hy_st16(yrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
-  __syncwarp();
   if (lane == 0) l1_tok[t] = l1;
   for (int i = lane; i < nt; i += 32) tile_counts[(size_t)t * nt + i] = tc[i];
 }
 
-// ---------------------------------------------------------------------------------------------
-// hy_dx: warp per token. dX_t = sum over active j of dg_tj * WG_j + du_tj * WU_j.
-// (dg, du) come from ell_d for ranks < W, else they are recomputed exactly as hy_dw does.
+// hy_rows_finish: CTA per split row i < split (D / 8 threads): OUT[order[i]] = the sum of its
+// ROW_PARTS float32 partial rows in part order; with part_l1 / part_tc (the forward), also the
+// token's L1 sum and tile counts.
+extern "C" __global__ void __launch_bounds__(1024)
+hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1, const int* __restrict__ part_tc,
+               const int* __restrict__ order, const int* __restrict__ split_count, hy_u16* __restrict__ OUT,
+               float* __restrict__ l1_tok, int* __restrict__ tile_counts, int R, int N, int nt) {
+  const int i = blockIdx.x, tid = threadIdx.x;
+  if (i >= hy_min(hy_min(__ldg(split_count), R), N)) return;
+  const int t = __ldg(order + i);
+  const float* rows = part + (size_t)i * ROW_PARTS * D + tid * 8;
+  float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int p = 0; p < ROW_PARTS; ++p) {
+    const float4 lo = __ldg(reinterpret_cast<const float4*>(rows + (size_t)p * D));
+    const float4 hi = __ldg(reinterpret_cast<const float4*>(rows + (size_t)p * D) + 1);
+    v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
+    v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+  }
+  reinterpret_cast<uint4*>(OUT + (size_t)t * D)[tid] = hy_pack8(v);
+  if (part_l1 == nullptr) return;
+  if (tid == 0) {
+    float l1 = 0.f;
+    for (int p = 0; p < ROW_PARTS; ++p) l1 += __ldg(part_l1 + (size_t)i * ROW_PARTS + p);
+    l1_tok[t] = l1;
+  }
+  for (int k = tid; k < nt; k += blockDim.x) {
+    int n = 0;
+    for (int p = 0; p < ROW_PARTS; ++p) n += __ldg(part_tc + ((size_t)i * ROW_PARTS + p) * nt + k);
+    tile_counts[(size_t)t * nt + k] = n;
+  }
+}
 
-extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
-hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
-      const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
-      const float2* __restrict__ ell_d, const float* __restrict__ dl1p, hy_u16* __restrict__ DX,
-      const int* __restrict__ order, int N, int FF, int W) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nw = FF >> 5;
-  const int slot = blockIdx.x * FWD_WARPS + warp;
-  if (slot >= N) return;
-  const int t = order ? __ldg(order + slot) : slot;
-  const hy_pol pol_w = hy_pol_last(), pol_s = hy_pol_first();
-  const float dl1 = __ldg(dl1p);
+// ---------------------------------------------------------------------------------------------
+// hy_dx: dX_t = sum over active j of dg_tj * WG_j + du_tj * WU_j; warp per token, long rows split
+// as hy_forward's. (dg, du) come from ell_d for ranks < W (here: hy_dw's WD), else they are
+// recomputed exactly as
+// hy_dw does.
+
+// acc += the pairs of row t whose rank r satisfies r % step == sel (step a power of two)
+__device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const hy_u16* __restrict__ X,
+                                          const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
+                                          const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT,
+                                          const hy_u32* __restrict__ mrow, const float2* __restrict__ ell_d,
+                                          float dl1, int nw, int W) {
+  const int lane = threadIdx.x & 31;
+  const hy_pol pol_w = hy_pol_last();
   const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
   const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
-
-  float acc[NC][8];
-#pragma unroll
-  for (int c = 0; c < NC; ++c)
-#pragma unroll
-    for (int k = 0; k < 8; ++k) acc[c][k] = 0.f;
-
   int rank = 0;
   const hy_u32* mr = mrow + (size_t)t * nw;
   for (int wb = 0; wb < nw; wb += 32) {
     hy_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
-    for (;;) {
+    for (;; ++rank) {
       const hy_u32 bal = __ballot_sync(HY_FULL, word != 0u);
       if (bal == 0u) break;
       const int src = __ffs(bal) - 1;
       const hy_u32 ws = __shfl_sync(HY_FULL, word, src);
       const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
       if (lane == src) word &= word - 1u;
+      if ((rank & (step - 1)) != sel) continue;  // step: a power of two
 
       float dg, du;
       if (rank < W) {
@@ -481,10 +571,36 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 #pragma unroll
       for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
 #endif
-      ++rank;
     }
   }
-  uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)t * D);
+}
+
+// d_model <= 512: ask ptxas for 4 resident CTAs (left alone it settles on 40 registers and a small
+// spill at 256); larger: its own choice (about 150 registers at 2048, 3 CTAs an SM) beats any cap.
+#if HY_D <= 512
+#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32, 4)
+#else
+#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32)
+#endif
+extern "C" __global__ void HY_DX_BOUNDS
+hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
+      const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
+      const float2* __restrict__ ell_d, const float* __restrict__ dl1p, hy_u16* __restrict__ DX,
+      const int* __restrict__ order, const int* __restrict__ split_count, float* __restrict__ part_dx, int R,
+      int N, int FF, int W) {
+  const int lane = threadIdx.x & 31;
+  const hy_work work = hy_row_work(order, split_count, R, N);
+  if (work.t < 0) return;
+  float acc[NC][8];
+  hy_zero_acc(acc);
+  hy_dx_row(acc, work.t, work.part < 0 ? 0 : work.part, work.part < 0 ? 1 : ROW_PARTS, X, DY, WG, WU, WDT, mrow,
+            ell_d, __ldg(dl1p), FF >> 5, W);
+  if (work.part >= 0) {
+    hy_store_part(part_dx + ((size_t)work.index * ROW_PARTS + work.part) * D, acc);
+    return;
+  }
+  const hy_pol pol_s = hy_pol_first();
+  uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)work.t * D);
 #pragma unroll
   for (int c = 0; c < NC; ++c) hy_st16(dxrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
 }
@@ -528,7 +644,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       const hy_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, hy_u16* __restrict__ DWG,
       hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      float* __restrict__ ACC, int S, int N, int FF, int W) {
+      float* __restrict__ ACC, int S, int N, int FF, int W, int WD) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ int s_rank[DW_CAP];
@@ -739,7 +855,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
         s_coef[k][0] = dg;
         s_coef[k][1] = du;
         s_coef[k][2] = h;
-        if (rank < W) ell_d[(size_t)t * W + rank] = hy_f2(dg, du);
+        if (rank < WD) ell_d[(size_t)t * WD + rank] = hy_f2(dg, du);
       }
       __syncthreads();
 #pragma unroll

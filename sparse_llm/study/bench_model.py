@@ -36,6 +36,7 @@ VARIANTS = {
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks would not run the capture hook below
 def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> list[float]:
     """Give every layer's gate about `mean_active` active units per token on `tokens`; returns the
     measured mean active units per layer."""
@@ -115,7 +116,7 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
             "active_per_token": last.get("sparsity/active_per_token/mean"),
             "calibrated_active": layer_active,
         }
-        result.update(_time_forward(trainer.model, cfg, world, meter))
+        result.update(_time_forward(trainer.model, tokens, world, meter))
         trainer.logger.close()
         shutdown()
     return result
@@ -145,9 +146,9 @@ def _mfu(tokens_per_s: float, cfg, device) -> float | None:
 
 
 @torch.no_grad()
-def _time_forward(model, cfg, world, meter, repeats: int = 10) -> dict:
-    """Inference forward at batch micro_batch_size x seq_len per GPU (TwELL where the kernel mode is
-    sparse): tokens/s per GPU, energy per token summed over GPUs."""
+def _time_forward(model, tokens: torch.Tensor, world, meter, repeats: int = 10) -> dict:
+    """Inference forward of the calibration micro-batch `tokens` (so at the calibrated sparsity; TwELL
+    where the kernel mode is sparse): tokens/s per GPU, energy per token summed over GPUs."""
     from sparse_llm.model.ffn import FeedForward
 
     for module in model.modules():
@@ -155,7 +156,6 @@ def _time_forward(model, cfg, world, meter, repeats: int = 10) -> dict:
             module.kernel = "twell"
     model.eval()
     device = world.device
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.model.seq_len), device=device)
     for _ in range(3):
         model(tokens)
     torch.cuda.synchronize()

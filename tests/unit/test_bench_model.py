@@ -18,6 +18,21 @@ def test_calibration_gives_the_requested_active_units_per_layer():
         assert 12 < active < 28, active
 
 
+def test_calibration_holds_for_compiled_blocks():
+    # parallel.compile=true compiles each block before the calibration runs; its capture hook must
+    # still see each layer's input (once, the layers after the first came out at 35 and 116 of 20)
+    cfg = ModelConfig(d_model=128, n_layers=3, n_heads=4, d_ff=2048, vocab_size=100, seq_len=64)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = torch.compile(block, backend="eager")
+    tokens = torch.randint(0, 100, (4, 64))
+    model(tokens)
+    calibrate_gate_sparsity(model, tokens, mean_active=20)
+    for stats in model(tokens).ffn_stats:
+        assert 16 < stats.tile_counts.sum(1).float().mean().item() < 24
+
+
 def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
     from sparse_llm.study.bench_model import _row_text
 

@@ -1,0 +1,48 @@
+"""Host time of one hybrid FFN fwd+bwd against its device time: is the benchmark waiting on Python?
+Times N back-to-back calls without a sync in between (the host's enqueue rate), the same calls'
+device time (events), and prints the cProfile of the host path, heaviest first.
+
+    PYTHONPATH=$PWD python kernels/experiments/host_overhead.py [mean_active=29]
+"""
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+
+from sparse_llm.kernels.hybrid import hybrid_ffn
+from sparse_llm.kernels.synthetic import make_synthetic_ffn
+
+mean_active = float(sys.argv[1]) if len(sys.argv) > 1 else 29.0
+s = make_synthetic_ffn(16384, 2048, 5632, mean_active, seed=0)
+leaves = [t.detach().requires_grad_() for t in (s.x, s.w_gate, s.w_up, s.w_down)]
+dy = torch.randn_like(s.x)
+dl1 = torch.tensor(1e-3, device="cuda")
+
+
+def step():
+    y, l1, _, _ = hybrid_ffn(*leaves)
+    return torch.autograd.grad([y, l1], leaves, [dy, dl1])
+
+
+for _ in range(5):
+    step()
+torch.cuda.synchronize()
+n = 50
+start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start = time.perf_counter()
+start_event.record()
+for _ in range(n):
+    step()
+host = (time.perf_counter() - start) / n
+end_event.record()
+end_event.synchronize()
+print(f"host enqueue {host * 1e3:.3f} ms per fwd+bwd; wall with device {start_event.elapsed_time(end_event) / n:.3f} ms")
+profiler = cProfile.Profile()
+profiler.enable()
+for _ in range(20):
+    step()
+profiler.disable()
+torch.cuda.synchronize()
+pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
