@@ -3,7 +3,7 @@ collected into the paper's tables (CSV and Markdown) and plots.
 
     python -m sparse_llm.study quality --models tiny small --l1 0 1e-3 3e-3 [--out DIR] [override ...]
     python -m sparse_llm.study efficiency --models 0p5b 1b 1p5b 2b [--out DIR] [override ...]   (GPU)
-    python -m sparse_llm.study efficiency --models - --from-json bench_models.json   (tables of a saved run)
+    python -m sparse_llm.study efficiency --from-json bench_models.json   (tables of a saved run)
 
 `quality` trains every (model, coefficient) point with train.py, plus the dense SwiGLU baseline of
 each model, each in its own run directory under DIR/runs (re-running resumes or skips finished
@@ -171,11 +171,13 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m sparse_llm.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("half", choices=["quality", "efficiency"])
-    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--models", nargs="+", help="model configs (not needed with --from-json)")
     parser.add_argument("--l1", nargs="+", type=float, default=[2e-5, 1e-4, 1e-3], help="quality: coefficients")
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument("--from-json", type=Path, help="efficiency: tables from a saved bench_model --json file")
     args, overrides = parser.parse_known_args(argv)
+    if not args.models and not (args.half == "efficiency" and args.from_json):
+        parser.error(f"{args.half} needs --models (e.g. --models tiny small)")
     if args.half == "quality":
         rows = run_quality(args.models, args.l1, args.out, overrides)
         written = write_tables(rows, QUALITY_COLUMNS, args.out, "quality")

@@ -33,3 +33,19 @@ def test_efficiency_rows_are_sparse_over_dense(tmp_path):
     assert row["energy_ratio"] == pytest.approx(0.75) and row["memory_ratio"] == pytest.approx(0.75)
     csv_path, md_path = write_tables([row], EFFICIENCY_COLUMNS, tmp_path, "efficiency")
     assert "| 1b | 25 | 200 | 260 | 0.3 |" in md_path.read_text()
+
+
+def test_efficiency_tables_from_a_saved_benchmark_need_no_models(tmp_path, capsys):
+    import json
+
+    saved = tmp_path / "bench_models.json"
+    saved.write_text(json.dumps([
+        {"model": "0p5b", "variant": "dense", "train_tokens_per_s": 100.0, "train_peak_gib": 20.0,
+         "forward_tokens_per_s": 300.0, "forward_mj_per_token": 2.0},
+        {"model": "0p5b", "variant": "sparse_kernel", "train_tokens_per_s": 113.0, "train_peak_gib": 16.0,
+         "forward_tokens_per_s": 330.0, "forward_mj_per_token": 1.5, "active_per_token": 29.0}]))
+    main(["efficiency", "--from-json", str(saved), "--out", str(tmp_path / "tables")])
+    assert "| 0p5b | 29 |" in (tmp_path / "tables" / "efficiency.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["quality", "--out", str(tmp_path)])
+    assert "quality needs --models" in capsys.readouterr().err
