@@ -161,6 +161,18 @@ def test_leading_dims_and_only_l1_used():
     torch.testing.assert_close(gx, gr, rtol=1e-4, atol=1e-5)
 
 
+def test_only_y_used():
+    # the L1 sum unused: its gradient arrives as None (no zero gradients are materialized)
+    x, wg, wu, wd = make_case(24, 64, 96, dtype=torch.float32, seed=6)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, wg, wu, wd)]
+    y, _, _, _ = hybrid_ffn(*leaves)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, wg, wu, wd)]
+    y_ref = torch.nn.functional.linear(reference.ffn_hidden(*ref_leaves[:3]), ref_leaves[3])
+    for a, b in zip(grads, torch.autograd.grad(y_ref.square().sum(), ref_leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoint_recompute():
     x, wg, wu, wd = make_case(20, 64, 128, dtype=torch.float32, seed=7)
     x = x.requires_grad_()
