@@ -32,7 +32,7 @@ DW_SPLIT_TOKENS = 512
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
 SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
-BACKWARD_ELL_WIDTH = 512
+BACKWARD_ELL_WIDTH = 512  # floor of the (dg, du) ELL's width, see backward_ell_width
 ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
 # hy_forward's __launch_bounds__ min-blocks (1: 168 registers, 3 CTAs of 4 warps per SM).
 FWD_MIN_BLOCKS = 1
