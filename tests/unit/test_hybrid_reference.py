@@ -173,6 +173,23 @@ def test_only_y_used():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_l1", [True, False])
+def test_gradients_through_aot_autograd(use_l1):
+    # torch.compile keeps the op opaque and runs its registered autograd through AOTAutograd
+    x, wg, wu, wd = make_case(32, 64, 128, dtype=torch.float32, seed=8)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, wg, wu, wd)]
+
+    def loss(x, wg, wu, wd):
+        y, l1, _, _ = hybrid_ffn(x, wg, wu, wd)
+        return y.square().sum() + (0.1 * l1 if use_l1 else 0.0)
+
+    eager = torch.autograd.grad(loss(*leaves), leaves)
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(*leaves), leaves)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_checkpoint_recompute():
     x, wg, wu, wd = make_case(20, 64, 128, dtype=torch.float32, seed=7)
     x = x.requires_grad_()
