@@ -127,6 +127,7 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
             "mfu": _mfu(train_tokens / train_s / world.size, cfg, world.device),
             "active_per_token": last.get("sparsity/active_per_token/mean"),
             "calibrated_active": layer_active,
+            "timed_layer_active": [last.get(f"sparsity/layer_{i}/active_per_token") for i in range(len(layer_active))],
         }
         result.update(_time_forward(trainer.model, tokens, world, meter))
         trainer.logger.close()
