@@ -124,16 +124,11 @@ def _transpose16(t: Tensor) -> Tensor:
     return out
 
 
-def _row_lengths(tprefix: Tensor) -> Tensor:
-    """Active units of each row before its last tile (a cheap lower bound of the row's count)."""
-    return tprefix[:, -1]
-
-
 def _row_plan(tprefix: Tensor) -> tuple[Tensor, Tensor, int]:
     """For the warp-per-token kernels: the token order (most active rows first, so that a long row
     starts early instead of finishing last), how many of its first rows are split over ROW_PARTS
     warps (a device scalar: no host sync), and the static bound R on that number."""
-    lengths = _row_lengths(tprefix)
+    lengths = tprefix[:, -1]  # active units before the row's last tile: a cheap lower bound of its count
     order = torch.argsort(lengths, descending=True).to(torch.int32)
     split = (lengths >= SPLIT_ROW_UNITS).sum(dtype=torch.int32)
     return order, split, min(SPLIT_ROWS, lengths.shape[0])

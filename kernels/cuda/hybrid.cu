@@ -487,8 +487,7 @@ hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1
 // ---------------------------------------------------------------------------------------------
 // hy_dx: dX_t = sum over active j of dg_tj * WG_j + du_tj * WU_j; warp per token, long rows split
 // as hy_forward's. (dg, du) come from ell_d for ranks < W (here: hy_dw's WD), else they are
-// recomputed exactly as
-// hy_dw does.
+// recomputed exactly as hy_dw does.
 
 // acc += the pairs of row t whose rank r satisfies r % step == sel (step a power of two)
 __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const hy_u16* __restrict__ X,
