@@ -6,29 +6,15 @@ measure the active units per layer on A, on another batch B, and on B after 12 t
 """
 import sys
 import tempfile
-import torch
 from sparse_llm.config import compose_config, validate
 from sparse_llm.parallel.distributed import init_distributed, shutdown
 from sparse_llm.train.run import build_trainer
-from sparse_llm.study.bench_model import calibrate_gate_sparsity
-from sparse_llm.model.ffn import FeedForward
+from sparse_llm.study.bench_model import calibrate_gate_sparsity, gate_activity
 
 world = init_distributed("cuda")
 
-@torch.no_grad()
 def measure(model, tokens):
-    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
-    seen = []
-    hooks = [f.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for f in ffns]
-    model(tokens)
-    for h in hooks:
-        h.remove()
-    out = []
-    for f, x in zip(ffns, seen):
-        w = f.gate.weight.full_tensor() if hasattr(f.gate.weight, "full_tensor") else f.gate.weight
-        g = x.reshape(-1, x.shape[-1]).to(w.dtype) @ w.t()
-        out.append(round(float((g > 0).sum(1).float().mean()), 1))
-    return out
+    return [round(float(active.sum(1).float().mean()), 1) for active in gate_activity(model, tokens)]
 
 with tempfile.TemporaryDirectory() as tmp:
     lr = sys.argv[sys.argv.index("--lr") + 1] if "--lr" in sys.argv else "1e-7"

@@ -12,27 +12,13 @@ import tempfile
 import torch
 
 from sparse_llm.config import compose_config, validate
-from sparse_llm.model.ffn import FeedForward
 from sparse_llm.parallel.distributed import init_distributed, shutdown
-from sparse_llm.study.bench_model import calibrate_gate_sparsity
+from sparse_llm.study.bench_model import calibrate_gate_sparsity, gate_activity
 from sparse_llm.train.run import build_trainer
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "0p5b"
 target = float(sys.argv[2]) if len(sys.argv) > 2 else 29.0
 world = init_distributed("cuda")
-
-
-@torch.no_grad()
-def gate_outputs(model, tokens):
-    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
-    seen = []
-    hooks = [f.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for f in ffns]
-    model(tokens)
-    for h in hooks:
-        h.remove()
-    for f, x in zip(ffns, seen):
-        w = f.gate.weight.full_tensor() if hasattr(f.gate.weight, "full_tensor") else f.gate.weight
-        yield (x.reshape(-1, x.shape[-1]).to(w.dtype) @ w.t()) > 0
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +33,7 @@ with tempfile.TemporaryDirectory() as tmp:
     calibrate_gate_sparsity(trainer.model, calibration, target)
     seq = other.shape[1]
     print("layer | row mean p99 p99.9 max | rows >=64 >=128 >=512 | positions of the 4 longest | hottest unit's tokens")
-    for layer, active in enumerate(gate_outputs(trainer.model, other)):
+    for layer, active in enumerate(gate_activity(trainer.model, other)):
         rows = active.sum(1).float()
         q = torch.quantile(rows, torch.tensor([0.99, 0.999], device=rows.device)).tolist()
         top = torch.topk(rows, 4)

@@ -54,8 +54,7 @@ def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> 
         model(tokens)
         hook.remove()
         x = captured["x"].reshape(-1, captured["x"].shape[-1]).float()
-        weight = ffn.gate.weight.full_tensor() if hasattr(ffn.gate.weight, "full_tensor") else ffn.gate.weight
-        weight = weight.float()
+        weight = _full(ffn.gate.weight).float()
         rest = x[:, 1:] @ weight[:, 1:].T
         column = _column_for(rest, x[:, 0], mean_active)
         local = _local(ffn.gate.weight)
@@ -75,6 +74,37 @@ def _column_for(rest: torch.Tensor, x0: torch.Tensor, mean_active: float, iterat
         active = float(((rest + x0[:, None] * middle) > 0).sum(1, dtype=torch.float64).mean())
         low, high = (low, middle) if active > mean_active else (middle, high)
     return torch.tensor(0.5 * (low + high), device=rest.device)
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # hooks inside compiled blocks are traced, not run as written
+def _ffn_inputs(model, tokens: torch.Tensor) -> list:
+    """(FFN module, its input) of every FFN layer, in order, from one forward of `tokens`."""
+    from sparse_llm.model.ffn import FeedForward
+
+    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+    inputs = []
+    hooks = [ffn.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach())) for ffn in ffns]
+    try:
+        model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(zip(ffns, inputs))
+
+
+@torch.no_grad()
+def gate_activity(model, tokens: torch.Tensor):
+    """Per FFN layer, in order: the bool [tokens, d_ff] pattern of the units whose gate fires on
+    `tokens` (the layer's input times its gate weight, in the weight's dtype), made one at a time."""
+    for ffn, x in _ffn_inputs(model, tokens):
+        weight = _full(ffn.gate.weight)
+        yield (x.reshape(-1, x.shape[-1]).to(weight.dtype) @ weight.T) > 0
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole of an FSDP2 parameter (the parameter itself when unsharded)."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@ import torch
 
 from sparse_llm.config import ModelConfig
 from sparse_llm.model import Transformer
-from sparse_llm.study.bench_model import calibrate_gate_sparsity
+from sparse_llm.study.bench_model import calibrate_gate_sparsity, gate_activity
 
 
 def test_calibration_gives_the_requested_active_units_per_layer():
@@ -31,6 +31,9 @@ def test_calibration_holds_for_compiled_blocks():
     calibrate_gate_sparsity(model, tokens, mean_active=20)
     for stats in model(tokens).ffn_stats:
         assert 16 < stats.tile_counts.sum(1).float().mean().item() < 24
+    # the experiments' view of the same pattern (one forward capturing every layer's input)
+    for active in gate_activity(model, tokens):
+        assert active.shape == (4 * 64, 2048) and 19 < active.sum(1).float().mean().item() < 21
 
 
 def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
