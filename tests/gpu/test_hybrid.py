@@ -189,50 +189,39 @@ def test_cuda_graph_capture():
 
 
 @pytest.mark.parametrize("split", [16, 1 << 30])
-def test_dw_split_units(split):
+def test_dw_split_units(split, monkeypatch):
     # hy_dw with units split over many CTAs (float32 partial rows added, then written by
     # hy_dw_finish) and with every unit in one CTA
     from sparse_llm.kernels import hybrid
 
-    saved = hybrid.DW_SPLIT_TOKENS
-    hybrid.DW_SPLIT_TOKENS = split
-    try:
-        check_case(*make_inputs(700, 256, 512, torch.bfloat16, mean_active=10, adversarial=True), width=4)
-        check_case(*make_inputs(300, 256, 512, torch.bfloat16, gated=False, mean_active=10), width=4)
-        check_case(*make_inputs(3000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=8)
-    finally:
-        hybrid.DW_SPLIT_TOKENS = saved
+    monkeypatch.setattr(hybrid, "DW_SPLIT_TOKENS", split)
+    check_case(*make_inputs(700, 256, 512, torch.bfloat16, mean_active=10, adversarial=True), width=4)
+    check_case(*make_inputs(300, 256, 512, torch.bfloat16, gated=False, mean_active=10), width=4)
+    check_case(*make_inputs(3000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=8)
 
 
 @pytest.mark.parametrize("rows,units", [(1 << 20, 0), (3, 16), (256, 128), (64, 1 << 30)])
-def test_split_rows(rows, units):
+def test_split_rows(rows, units, monkeypatch):
     # hy_forward and hy_dx with long rows split over ROW_PARTS warps: every row (empty ones too),
     # only the 3 longest, the default, none
     from sparse_llm.kernels import hybrid
 
-    saved = hybrid.SPLIT_ROWS, hybrid.SPLIT_ROW_UNITS
-    hybrid.SPLIT_ROWS, hybrid.SPLIT_ROW_UNITS = rows, units
-    try:
-        check_case(*make_inputs(1000, 256, 1024, torch.bfloat16, mean_active=16, adversarial=True), width=8)
-        check_case(*make_inputs(333, 512, 1024, torch.float16, gated=False, mean_active=20), width=16)
-        check_case(*make_inputs(2000, 2048, 2048, torch.bfloat16, mean_active=24), width=32)
-    finally:
-        hybrid.SPLIT_ROWS, hybrid.SPLIT_ROW_UNITS = saved
+    monkeypatch.setattr(hybrid, "SPLIT_ROWS", rows)
+    monkeypatch.setattr(hybrid, "SPLIT_ROW_UNITS", units)
+    check_case(*make_inputs(1000, 256, 1024, torch.bfloat16, mean_active=16, adversarial=True), width=8)
+    check_case(*make_inputs(333, 512, 1024, torch.float16, gated=False, mean_active=20), width=16)
+    check_case(*make_inputs(2000, 2048, 2048, torch.bfloat16, mean_active=24), width=32)
 
 
 @pytest.mark.parametrize("width_d", [1, 40, 4096])
-def test_backward_ell_width(width_d):
+def test_backward_ell_width(width_d, monkeypatch):
     # hy_dw hands hy_dx the (dg, du) of ranks < max(W, BACKWARD_ELL_WIDTH): as wide as the saved ELL,
     # wider, and past every row (nothing recomputed in hy_dx)
     from sparse_llm.kernels import hybrid
 
-    saved = hybrid.BACKWARD_ELL_WIDTH
-    hybrid.BACKWARD_ELL_WIDTH = width_d
-    try:
-        check_case(*make_inputs(700, 256, 1024, torch.bfloat16, mean_active=30, adversarial=True), width=8)
-        check_case(*make_inputs(300, 256, 512, torch.float16, gated=False, mean_active=60), width=4)
-    finally:
-        hybrid.BACKWARD_ELL_WIDTH = saved
+    monkeypatch.setattr(hybrid, "BACKWARD_ELL_WIDTH", width_d)
+    check_case(*make_inputs(700, 256, 1024, torch.bfloat16, mean_active=30, adversarial=True), width=8)
+    check_case(*make_inputs(300, 256, 512, torch.float16, gated=False, mean_active=60), width=4)
 
 
 def test_dw_wrong_counts_only_change_the_balance():
