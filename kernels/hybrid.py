@@ -5,7 +5,8 @@ Returns (y, l1_sum, tile_counts, neuron_counts): y [N, d_model] and l1_sum (floa
 `reference.activation_stats`. Two `torch.library.custom_op`s in namespace `sparse_llm`:
 `hybrid_ffn_fwd` (also returns the hybrid format saved for the backward) and `hybrid_ffn_bwd`.
 CPU tensors (and CUDA shapes the kernels do not take) run `hybrid_reference`; CUDA runs the
-kernels of kernels/cuda/hybrid.cu. No host synchronisation in either direction.
+kernels of kernels/cuda/hybrid.cu. No host synchronisation in either direction. The forward also
+returns the row plan of the warp-per-token kernels (`_row_plan`), which the backward reuses.
 
 `HybridRouter` decides per layer between dense and hybrid from the measured active fraction, with
 hysteresis, on the device; the host reads the decision only when it synchronises anyway (log steps).
@@ -77,8 +78,8 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw", "hy_dw_zero", "hy_dw_finish",
-                "hy_dx", "hy_transpose16")
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
+                "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
 def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
@@ -124,14 +125,19 @@ def _transpose16(t: Tensor) -> Tensor:
     return out
 
 
-def _row_plan(tprefix: Tensor) -> tuple[Tensor, Tensor, int]:
+def _row_plan(tprefix: Tensor) -> tuple[Tensor, Tensor]:
     """For the warp-per-token kernels: the token order (most active rows first, so that a long row
-    starts early instead of finishing last), how many of its first rows are split over ROW_PARTS
-    warps (a device scalar: no host sync), and the static bound R on that number."""
+    starts early instead of finishing last) and how many of its first rows are split over ROW_PARTS
+    warps (a device scalar: no host sync; at most `_split_bound` rows)."""
     lengths = tprefix[:, -1]  # active units before the row's last tile: a cheap lower bound of its count
     order = torch.argsort(lengths, descending=True).to(torch.int32)
     split = (lengths >= SPLIT_ROW_UNITS).sum(dtype=torch.int32)
-    return order, split, min(SPLIT_ROWS, lengths.shape[0])
+    return order, split
+
+
+def _split_bound(n: int) -> int:
+    """The static bound R on the number of split rows (their float32 parts are sized by it)."""
+    return min(SPLIT_ROWS, n)
 
 
 def _row_grid(n: int, rows: int) -> tuple[int]:
@@ -178,7 +184,8 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
         i32 = np.int32
         launch(_kernel("hy_pack", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
                (ptr(g), ptr(mrow), ptr(tprefix), ptr(ell), i32(n), i32(d_ff), i32(width)))
-        order, split_rows, rows = _row_plan(tprefix)
+        order, split_rows = _row_plan(tprefix)
+        rows = _split_bound(n)
         part_y = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)
         part_l1 = torch.empty(rows, ROW_PARTS, dtype=torch.float32, device=dev)
         part_tc = torch.empty(rows, ROW_PARTS, nt, dtype=torch.int32, device=dev)
@@ -188,10 +195,12 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
                 ptr(part_tc), i32(rows), i32(n), i32(d_ff), i32(width)),
                shared_mem=_FWD_WARPS * nt * 4)
         _finish_rows(part_y, part_l1, part_tc, order, split_rows, y, l1_tok, tile_counts, rows, nt, gated)
-    return y, l1_tok.sum(), tile_counts, neuron_counts, mrow, tprefix, ell
+    else:
+        order, split_rows = _row_plan(tprefix)
+    return y, l1_tok.sum(), tile_counts, neuron_counts, mrow, tprefix, ell, order, split_rows
 
 
-def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts):
+def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts, order, split_rows):
     import numpy as np
 
     from sparse_llm.kernels.loader import ptr
@@ -220,9 +229,9 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
     part = DW_SPLIT_TOKENS
-    items = (neuron_counts.to(torch.int32) + (part - 1)).div_(part, rounding_mode="floor").clamp_min_(1)
-    item_start = torch.zeros(d_ff + 1, dtype=torch.int32, device=dev)
-    item_start[1:] = torch.cumsum(items, 0, dtype=torch.int32)
+    item_start = torch.empty(d_ff + 1, dtype=torch.int32, device=dev)
+    launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
+           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     grid = d_ff + 4 * device_properties(dev).multi_processor_count  # items past d_ff: split units
@@ -234,7 +243,7 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:
-        order, split_rows, rows = _row_plan(tprefix)
+        rows = _split_bound(n)
         part_dx = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)
         launch(_kernel("hy_dx", dev, d_model, gated, dt), _row_grid(n, rows), (_FWD_WARPS * 32,),
                (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(ell_d),
@@ -252,13 +261,14 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
 
 
 @torch.library.custom_op("sparse_llm::hybrid_ffn_fwd", mutates_args=())
-def hybrid_ffn_fwd(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor,
-                   ell_width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(y, l1_sum, tile_counts, neuron_counts, mrow, tprefix, ell); see hybrid_reference."""
+def hybrid_ffn_fwd(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor, ell_width: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, l1_sum, tile_counts, neuron_counts, mrow, tprefix, ell, row_order, split_rows): the first
+    seven as in hybrid_reference, the last two the row plan (`_row_plan`) for the backward."""
     if kernel_supported(x, w_gate, w_up, w_down):
         return _fwd_cuda(x, w_gate, w_up, w_down, ell_width)
-    out = ref.forward(x, w_gate, w_up, w_down, ell_width)
-    return tuple(t.contiguous() for t in out)
+    out = tuple(t.contiguous() for t in ref.forward(x, w_gate, w_up, w_down, ell_width))
+    return out + _row_plan(out[5])
 
 
 @hybrid_ffn_fwd.register_fake
@@ -270,17 +280,20 @@ def _(x, w_gate, w_up, w_down, ell_width):
     acc = ref.acc_dtype(x.dtype)
     return (x.new_empty(n, w_down.shape[0]), x.new_empty((), dtype=acc),
             x.new_empty(n, nt, **i32), x.new_empty(d_ff, **i32), x.new_empty(n, nw, **i32),
-            x.new_empty(n, nt, **i32), x.new_empty(n, ell_width, 2, dtype=acc))
+            x.new_empty(n, nt, **i32), x.new_empty(n, ell_width, 2, dtype=acc), x.new_empty(n, **i32),
+            x.new_empty((), **i32))
 
 
 @torch.library.custom_op("sparse_llm::hybrid_ffn_bwd", mutates_args=())
 def hybrid_ffn_bwd(dy: Tensor, dl1: Tensor, x: Tensor, w_gate: Optional[Tensor], w_up: Tensor,
-                   w_down: Tensor, mrow: Tensor, tprefix: Tensor, ell: Tensor, neuron_counts: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   w_down: Tensor, mrow: Tensor, tprefix: Tensor, ell: Tensor, neuron_counts: Tensor,
+                   row_order: Tensor, split_rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw_gate (empty when w_gate is None), dw_up, dw_down) from the hybrid format; the
-    forward's neuron counts only balance the work (any counts give the same result)."""
+    forward's neuron counts and row plan only balance the work (any counts, any permutation with
+    any split count give the same result)."""
     if kernel_supported(x, w_gate, w_up, w_down):
-        out = _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts)
+        out = _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts, row_order,
+                        split_rows)
     else:
         out = ref.backward(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell)
     dx, dwg, dwu, dwd = out
@@ -290,29 +303,29 @@ def hybrid_ffn_bwd(dy: Tensor, dl1: Tensor, x: Tensor, w_gate: Optional[Tensor],
 
 
 @hybrid_ffn_bwd.register_fake
-def _(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts):
+def _(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts, row_order, split_rows):
     dwg = torch.empty_like(w_gate) if w_gate is not None else x.new_empty(0)
     return torch.empty_like(x), dwg, torch.empty_like(w_up), torch.empty_like(w_down)
 
 
 def _setup_context(ctx, inputs, output):
     x, w_gate, w_up, w_down, _ = inputs
-    _, _, _, neuron_counts, mrow, tprefix, ell = output
+    _, _, _, neuron_counts, mrow, tprefix, ell, row_order, split_rows = output
     ctx.gated = w_gate is not None
-    ctx.save_for_backward(x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts)
+    ctx.save_for_backward(x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts, row_order, split_rows)
     ctx.mark_non_differentiable(*output[2:])
-    # no zero gradients for the five format/statistics outputs (each a fill, ell's 17 MB at 16k tokens)
+    # no zero gradients for the seven format/statistics outputs (each a fill, ell's 17 MB at 16k tokens)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dl1, *_):
-    x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts = ctx.saved_tensors
+    x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_counts, row_order, split_rows = ctx.saved_tensors
     if dy is None:
         dy = x.new_zeros(x.shape[0], w_down.shape[0])
     if dl1 is None:
         dl1 = torch.zeros((), dtype=ell.dtype, device=x.device)
-    dx, dwg, dwu, dwd = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, w_gate, w_up, w_down,
-                                                            mrow, tprefix, ell, neuron_counts)
+    dx, dwg, dwu, dwd = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix,
+                                                            ell, neuron_counts, row_order, split_rows)
     return dx, (dwg if ctx.gated else None), dwu, dwd, None
 
 

@@ -117,19 +117,28 @@ def allow_shared_mem(kernel, shared_mem: int) -> None:
 def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
     """Launch on torch's current stream, so kernels order with torch ops and CUDA-graph capture works."""
     allow_shared_mem(kernel, shared_mem)
-    with _cupy_stream(torch.cuda.current_stream()):
+    with _current_cupy_stream():
         kernel(grid, block, args, shared_mem=shared_mem)
 
 
 _SHARED_MEM_LIMIT: dict[int, int] = {}  # id(kernel function) -> dynamic shared memory limit already set
 
 
-_CUPY_STREAMS: dict[int, object] = {}
+_CUPY_STREAMS: dict[int, object] = {}  # raw cudaStream_t -> CuPy's view of it
+
+
+def _current_cupy_stream():
+    """CuPy's view of torch's current stream, made once per stream. The lookup goes by the raw stream
+    handle (what Inductor's launchers read), since building a torch.cuda.Stream object per launch
+    costs more host time than the launch itself."""
+    raw = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    view = _CUPY_STREAMS.get(raw)
+    return view if view is not None else _cupy_stream(torch.cuda.current_stream())
 
 
 def _cupy_stream(stream: torch.cuda.Stream):
-    """CuPy's view of a torch stream, made once per stream: through the CUDA stream protocol
-    (Stream.from_external, CuPy >= 14) or ExternalStream (older CuPy)."""
+    """CuPy's view of a torch stream: through the CUDA stream protocol (Stream.from_external,
+    CuPy >= 14) or ExternalStream (older CuPy)."""
     import cupy
 
     view = _CUPY_STREAMS.get(stream.cuda_stream)

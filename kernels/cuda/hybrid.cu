@@ -16,6 +16,7 @@
 //                 dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32 accumulation in
 //                 registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du), WD wide
 //                 (WD >= W: it lives only through the backward)
+//   hy_dw_plan    work items per unit from the forward's neuron counts (one CTA, a scan)
 //   hy_dw_zero, hy_dw_finish  zero / write out the fp32 rows of the split units
 //   hy_dx         warp per token (long rows split): dX = sum_j dg Wg_j + du Wu_j
 // A pair whose rank in its row is >= W (a row past the ELL width) has no stored values: every
@@ -892,6 +893,44 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
   }
   __syncthreads();  // shared lists and partials are reused by the next item
   }
+}
+
+// hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
+// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items.
+__device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
+
+extern "C" __global__ void __launch_bounds__(1024)
+hy_dw_plan(const int* __restrict__ neuron_counts, int* __restrict__ item_start, int FF, int part) {
+  __shared__ int warp_total[32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (FF + 1023) / 1024;
+  const int begin = min(FF, tid * per), end = min(FF, begin + per);
+  int mine = 0;
+  for (int j = begin; j < end; ++j) mine += hy_unit_items(__ldg(neuron_counts + j), part);
+  int inclusive = mine;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int v = __shfl_up_sync(HY_FULL, inclusive, offset);
+    if (lane >= offset) inclusive += v;
+  }
+  if (lane == 31) warp_total[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int total = warp_total[lane];
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int v = __shfl_up_sync(HY_FULL, total, offset);
+      if (lane >= offset) total += v;
+    }
+    warp_total[lane] = total;  // inclusive over warps
+  }
+  __syncthreads();
+  int start = inclusive - mine + (warp > 0 ? warp_total[warp - 1] : 0);
+  for (int j = begin; j < end; ++j) {
+    item_start[j] = start;
+    start += hy_unit_items(__ldg(neuron_counts + j), part);
+  }
+  if (tid == 1023) item_start[FF] = start;  // the last thread's range ends at FF
 }
 
 // hy_dw_zero / hy_dw_finish: CTA per unit, DW_THR threads; only the units split over several items.

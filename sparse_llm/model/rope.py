@@ -1,4 +1,5 @@
-"""Rotary position embeddings (rotate-half convention)."""
+"""Rotary position embedding tables (rotate-half convention); the rotation itself, fused with the
+split of the qkv projection, is sparse_llm.kernels.rope.rope_qkv."""
 from __future__ import annotations
 
 import torch
@@ -10,10 +11,3 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; tables: [seq, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

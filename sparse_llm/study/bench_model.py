@@ -11,10 +11,12 @@ Until trained sparse models exist, the sparse model's FFN gates are given a cont
 (DESIGN.md section 11, adapted to a whole model): embedding channel 0 is set to a constant, and
 each layer's gate column 0 is set, one layer after the other, to the weight (found by bisection on
 a whole micro-batch) that leaves `--active` units per token on average. Training then runs at a
-learning rate of 1e-12, which leaves the fp32 weights unchanged, so the pattern holds for the timed
-steps (at 1e-7 the 1.5B model's deep layers fell from 29 to 2-10 active units in 12 steps:
-kernels/experiments/calib_check.py); other micro-batches than the calibration one still differ by
-about +-30% per step. One micro-batch (model.micro_batch_size x seq_len tokens) per step.
+learning rate of 1e-12, which leaves the fp32 weights unchanged, and every step trains on the
+calibration micro-batch, so the timed steps run at the given activity (at 1e-7 the 1.5B model's deep
+layers fell from 29 to 2-10 active units in 12 steps: kernels/experiments/calib_check.py; other
+micro-batches than the calibration one differ by about +-30% a layer, up to 43-82 units in the 1.5B
+model's last layers: kernels/experiments/row_lengths.py). The result's `timed_layer_active` is what
+the timed steps measured. One micro-batch (model.micro_batch_size x seq_len tokens) per step.
 Each configuration runs in its own process (clean memory statistics).
 """
 from __future__ import annotations
@@ -130,7 +132,11 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
         cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len * world.size  # one micro-batch a step
         validate(cfg, world.size)
         trainer = build_trainer(cfg, world)
-        tokens = trainer.train_loader.next_batch()[0].to(world.device)  # a whole micro-batch: sequences differ
+        batch = trainer.train_loader.next_batch()  # a whole micro-batch: sequences differ
+        # every step trains on the calibration micro-batch, so the timed steps run at the calibrated
+        # activity (other micro-batches differ by about +-30% a layer, up to 80 units in deep layers)
+        trainer.train_loader.next_batch = lambda: batch
+        tokens = batch[0].to(world.device)
         layer_active = calibrate_gate_sparsity(trainer.model, tokens, active) if cfg.sparsity.ffn != "swiglu" else []
         try:
             meter = EnergyMeter(nvml_energy_reader(world.device))

@@ -102,7 +102,7 @@ def check_case(x, wg, wu, wd, dy, width, c=0.05, tol=1e-2):
     assert rel(fwd[6][..., 1], out[6][..., 1]) < 1e-5, "ELL up values differ"
     assert rel(fwd[0], out[0]) < 5e-3
     dl1 = torch.tensor(c, device="cuda")
-    bk = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6], fwd[3])
+    bk = torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, *fwd[4:7], fwd[3], *fwd[7:])
     bref = ref.backward(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6])
     for k, a, b in zip(["dx", "dwg", "dwu", "dwd"], bk, bref):
         if b is not None:
@@ -148,7 +148,7 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.sparse_llm.hybrid_ffn_fwd.default, args)
     out = torch.ops.sparse_llm.hybrid_ffn_fwd(x.detach(), wg.detach(), wu.detach(), wd.detach(), 8)
     bargs = [dy, torch.tensor(0.1, device="cuda"), x.detach(), wg.detach(), wu.detach(), wd.detach(),
-             out[4], out[5], out[6], out[3]]
+             out[4], out[5], out[6], out[3], out[7], out[8]]
     torch.library.opcheck(torch.ops.sparse_llm.hybrid_ffn_bwd.default, bargs)
 
 
@@ -224,13 +224,18 @@ def test_backward_ell_width(width_d, monkeypatch):
     check_case(*make_inputs(300, 256, 512, torch.float16, gated=False, mean_active=60), width=4)
 
 
-def test_dw_wrong_counts_only_change_the_balance():
-    # the forward's neuron counts only size the work items: zero or inflated counts give the same gradients
+def test_balance_inputs_only_change_the_balance():
+    # the forward's neuron counts size hy_dw's work items and its row plan orders and splits the rows
+    # of hy_dx: zero or inflated counts, any permutation and any split count give the same gradients
     x, wg, wu, wd, dy = make_inputs(900, 256, 512, torch.bfloat16, mean_active=12, dense_unit=True)
     fwd = torch.ops.sparse_llm.hybrid_ffn_fwd(x, wg, wu, wd, 8)
     dl1 = torch.tensor(0.05, device="cuda")
-    grads = [torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6], counts)
-             for counts in (fwd[3], torch.zeros_like(fwd[3]), fwd[3] * 7 + 100)]
+    counts, order, split = fwd[3], fwd[7], fwd[8]
+    identity = torch.arange(900, dtype=torch.int32, device="cuda")
+    balances = [(counts, order, split), (torch.zeros_like(counts), order, split), (counts * 7 + 100, order, split),
+                (counts, identity, torch.zeros_like(split)), (counts, identity.flip(0), split + 10_000)]
+    grads = [torch.ops.sparse_llm.hybrid_ffn_bwd(dy, dl1, x, wg, wu, wd, fwd[4], fwd[5], fwd[6], *balance)
+             for balance in balances]
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert rel(a, b) < 1e-3

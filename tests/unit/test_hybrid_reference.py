@@ -212,7 +212,7 @@ def test_opcheck_cpu(gated):
     out = torch.ops.sparse_llm.hybrid_ffn_fwd(*[a.detach() if torch.is_tensor(a) else a for a in args])
     dy = torch.randn(19, 64)
     bargs = [dy, torch.tensor(0.3), x.detach(), None if wg is None else wg.detach(), wu.detach(),
-             wd.detach(), out[4], out[5], out[6], out[3]]
+             wd.detach(), out[4], out[5], out[6], out[3], out[7], out[8]]
     torch.library.opcheck(torch.ops.sparse_llm.hybrid_ffn_bwd.default, bargs)
 
 
