@@ -34,10 +34,14 @@ def step(rope):
 
 
 def saved_mib(rope):
-    """Memory alive after forward through RoPE and SDPA, beyond the qkv input: what the backward keeps."""
+    """Memory the forward through the qkv projection, RoPE and SDPA leaves alive for the backward
+    (beyond the projection's input and weight), as in the model."""
+    x = torch.randn(batch, seq, heads * head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(3 * heads * head_dim, heads * head_dim, device="cuda", dtype=torch.bfloat16,
+                         requires_grad=True)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
-    out = F.scaled_dot_product_attention(*rope(qkv.detach().clone().requires_grad_()), is_causal=True)
+    out = F.scaled_dot_product_attention(*rope(F.linear(x, weight)), is_causal=True)
     alive = torch.cuda.memory_allocated() - base
     del out
     return alive / 2**20
