@@ -1,7 +1,7 @@
 """Same-run A/B of the attention's RoPE: the PyTorch formula on views of the qkv projection (as the
 model ran before the fused op) against `sparse_llm.kernels.rope.rope_qkv`, fwd+bwd at a model shape
 (8 x 2048 tokens, 32 heads of 64, bf16), median of 20 with L2 flushed, and the memory the forward
-leaves alive for the backward (with SDPA after it, as in the model).
+leaves alive for the backward (with the qkv projection before it and SDPA after it, as in the model).
 
     PYTHONPATH=$PWD python kernels/experiments/rope_ab.py [batch=8] [seq=2048] [heads=32] [head_dim=64]
 """
