@@ -24,17 +24,24 @@ def losses(run_dir):
 
 
 def test_hybrid_training_matches_the_reference(tmp_path, tiny_corpus):
+    """Within bf16 noise, measured in the same test: the hybrid run may stray from the float32 run of
+    the reference no further than the bf16 run of the reference does (its largest deviation so far,
+    times 1.5, plus 0.02). At this L1 the bf16 and float32 reference runs differ by ~0.1 at step 50;
+    a fixed tolerance tight enough to catch a broken gradient would fail the reference itself."""
     common = SMALL + ["max_steps=50", "data=shards", f"data.path={tiny_corpus.parent}", f"output_dir={tmp_path}"]
     assert train.main(common + ["kernel=torch", "run_name=torch"]) == 0
+    assert train.main(common + ["kernel=torch", "precision=fp32", "run_name=fp32"]) == 0
     assert train.main(common + ["kernel=hybrid", "run_name=hybrid"]) == 0
-    reference, hybrid = losses(tmp_path / "torch"), losses(tmp_path / "hybrid")
-    print("step  torch  hybrid")
+    reference, fp32, hybrid = (losses(tmp_path / name) for name in ("torch", "fp32", "hybrid"))
+    print("step  torch  fp32  hybrid")
     for step in range(0, 50, 5):
-        print(f"{step + 1:4d} {reference[step]:.4f} {hybrid[step]:.4f}")
-    assert len(reference) == len(hybrid) == 50
+        print(f"{step + 1:4d} {reference[step]:.4f} {fp32[step]:.4f} {hybrid[step]:.4f}")
+    assert len(reference) == len(fp32) == len(hybrid) == 50
     assert reference[-1] < reference[0] - 0.5
-    for ref, got in zip(reference, hybrid):
-        assert abs(ref - got) < 0.02 * ref + 0.02
+    noise = 0.0
+    for step, (ref, exact, got) in enumerate(zip(reference, fp32, hybrid)):
+        noise = max(noise, abs(ref - exact))
+        assert abs(got - exact) <= 1.5 * noise + 0.02, (step, ref, exact, got)
 
 
 def test_auto_moves_layers_onto_the_hybrid_kernels_mid_run(tmp_path, tiny_corpus, monkeypatch):
