@@ -6,7 +6,8 @@ The PyTorch formula (`rope_reference`) costs about ten elementwise passes over q
 projection's output) keeps the whole [batch, seq, 3 d_model] output alive until the backward.
 On CUDA 16-bit tensors one kernel of kernels/cuda/rope.cu does the rotation in float32 and writes
 q, k and v; one kernel does the transposed rotation in the backward. Elsewhere the op runs the
-reference. `torch.library.custom_op`s `sparse_llm::rope_qkv` and `sparse_llm::rope_qkv_bwd`.
+reference. `torch.library.custom_op`s `sparse_llm::rope_qkv` and `sparse_llm::rope_qkv_bwd`. Under
+torch.compile `rope_qkv` traces the formula instead, which Inductor fuses with its neighbours.
 """
 from __future__ import annotations
 
@@ -167,4 +168,9 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> tuple[Tenso
     if cos.shape != (seq, width // (3 * n_heads)) or sin.shape != cos.shape:
         raise ValueError(f"rope tables {tuple(cos.shape)} / {tuple(sin.shape)} do not match "
                          f"(seq, head_dim) = ({seq}, {width // (3 * n_heads)})")
+    if torch.compiler.is_compiling():
+        # Inductor fuses the formula with its neighbours; the opaque op made compiled 1B / 1.5B training
+        # steps 22% slower (H100, 2026-11-24)
+        q, k, v = split_heads(qkv, n_heads)
+        return rope_reference(q, cos, sin), rope_reference(k, cos, sin), v
     return torch.ops.sparse_llm.rope_qkv(qkv, cos, sin, n_heads)

@@ -78,3 +78,18 @@ def test_nvcc_compiles(arch, dtype):
     (source, defines), = rope.kernel_variants(dtype)
     report = nvcc_compile_check(source, arch, defines)
     assert "error" not in report.lower() and "0 bytes spill stores" in report
+
+
+def test_compiled_traces_the_formula():
+    # under torch.compile the formula is traced (Inductor fuses it), not the opaque op
+    qkv, cos, sin = make_case()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(lambda t: rope_qkv(t, cos, sin, 3), backend=backend, fullgraph=True)
+    for got, expected in zip(compiled(qkv), rope_qkv(qkv, cos, sin, 3)):
+        torch.testing.assert_close(got, expected)
+    assert "rope_qkv" not in graphs[0].code
