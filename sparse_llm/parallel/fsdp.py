@@ -38,9 +38,13 @@ def _compile_blocks(model: nn.Module) -> None:
 
 
 def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 parameters for compute with fp32 gradient reduction on GPU (or when asked); fp32 otherwise."""
+    """bf16 parameters for compute with fp32 gradient reduction on GPU (or when asked); fp32 otherwise.
+    Forward inputs are not cast: the blocks' activations are bf16 already, and the float32 RoPE
+    tables they are handed must stay float32 (bf16 angles lose position precision, and the fused
+    RoPE kernel takes float32 tables only)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
     return MixedPrecisionPolicy()
 
 

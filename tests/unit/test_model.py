@@ -102,3 +102,25 @@ def test_ffn_module_matches_reference():
     h = torch.relu(x @ ffn.gate.weight.T) * (x @ ffn.up.weight.T)
     torch.testing.assert_close(y, h @ ffn.down.weight.T)
     assert stats.tile_counts.sum() == (h != 0).sum()
+
+
+def test_blocks_get_float32_rope_tables_under_bf16_mixed_precision(tmp_path):
+    # FSDP2 casts a module's floating-point forward inputs unless told not to: the RoPE tables
+    # would arrive in bf16 (coarse angles, and the fused kernel would not run)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sparse_llm.config import ParallelConfig
+    from sparse_llm.parallel.fsdp import apply_parallelism
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = Transformer(ModelConfig(d_model=64, n_layers=2, n_heads=2, d_ff=128, vocab_size=50, seq_len=16))
+        apply_parallelism(model, ParallelConfig(), init_device_mesh("cpu", (1,)), "bf16", torch.device("cpu"))
+        seen = {}
+        model.blocks[1].attn.register_forward_pre_hook(
+            lambda module, args: seen.update(x=args[0].dtype, cos=args[1].dtype, sin=args[2].dtype))
+        model(torch.randint(0, 50, (2, 16)))
+        assert seen == {"x": torch.bfloat16, "cos": torch.float32, "sin": torch.float32}
+    finally:
+        dist.destroy_process_group()
