@@ -1,5 +1,7 @@
 """Rotary position embedding fused with the split of the attention's qkv projection:
-`rope_qkv(qkv, cos, sin, n_heads) -> (q, k, v)`, each [batch, heads, seq, head_dim] and contiguous.
+`rope_qkv(qkv, cos, sin, n_heads) -> (q, k, v)`, each [batch, heads, seq, head_dim], held in
+[batch, seq, heads, head_dim] memory: SDPA keeps that layout for its output, which then reshapes to
+[batch, seq, d_model] for the output projection as a view (one copy and one saved tensor fewer).
 
 The PyTorch formula (`rope_reference`) costs about ten elementwise passes over q and k each way
 (float32 copies, a cat, a neg, two products and a sum), and SDPA's saved v (a view of the
@@ -33,6 +35,11 @@ def split_heads(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """[batch, seq, 3 d_model] -> q, k, v views [batch, heads, seq, head_dim]."""
     batch, seq, width = qkv.shape
     return qkv.view(batch, seq, 3, n_heads, width // (3 * n_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def new_heads(like: Tensor, batch: int, seq: int, n_heads: int, head_dim: int) -> Tensor:
+    """An empty [batch, heads, seq, head_dim] view of [batch, seq, heads, head_dim] memory."""
+    return like.new_empty(batch, seq, n_heads, head_dim).transpose(1, 2)
 
 
 def kernel_defines(dtype: torch.dtype) -> dict[str, int]:
@@ -75,7 +82,7 @@ def _fwd_cuda(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> tuple[Tens
     batch, seq, width = qkv.shape
     head_dim = width // (3 * n_heads)
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    q, k, v = (qkv.new_empty(batch, n_heads, seq, head_dim) for _ in range(3))
+    q, k, v = (new_heads(qkv, batch, seq, n_heads, head_dim) for _ in range(3))
     rows = batch * seq * 3 * n_heads
     if rows:
         i32 = np.int32
@@ -113,20 +120,22 @@ def _bwd_cuda(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> T
 
 @torch.library.custom_op("sparse_llm::rope_qkv", mutates_args=())
 def rope_qkv_op(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v [batch, heads, seq, head_dim] (contiguous) of qkv [batch, seq, 3 d_model], q and k rotated."""
+    """q, k, v [batch, heads, seq, head_dim] (see `new_heads`) of qkv [batch, seq, 3 d_model], q and k rotated."""
     batch, seq, width = qkv.shape
-    if kernel_supported(qkv, cos, batch, seq, n_heads, width // (3 * n_heads)):
+    head_dim = width // (3 * n_heads)
+    if kernel_supported(qkv, cos, batch, seq, n_heads, head_dim):
         return _fwd_cuda(qkv, cos, sin, n_heads)
     q, k, v = split_heads(qkv, n_heads)
-    return (rope_reference(q, cos, sin).contiguous(), rope_reference(k, cos, sin).contiguous(),
-            v.clone(memory_format=torch.contiguous_format))
+    outs = [new_heads(qkv, batch, seq, n_heads, head_dim) for _ in range(3)]
+    for out, value in zip(outs, (rope_reference(q, cos, sin), rope_reference(k, cos, sin), v)):
+        out.copy_(value)
+    return tuple(outs)
 
 
 @rope_qkv_op.register_fake
 def _(qkv, cos, sin, n_heads):
     batch, seq, width = qkv.shape
-    shape = (batch, n_heads, seq, width // (3 * n_heads))
-    return qkv.new_empty(shape), qkv.new_empty(shape), qkv.new_empty(shape)
+    return tuple(new_heads(qkv, batch, seq, n_heads, width // (3 * n_heads)) for _ in range(3))
 
 
 @torch.library.custom_op("sparse_llm::rope_qkv_bwd", mutates_args=())

@@ -2,8 +2,10 @@
 // projection: one pass each way instead of the ~10 elementwise passes (float32 copies, a cat, a neg)
 // of the PyTorch formula, and the projection's output is not kept alive for the backward.
 //
-//   rope_fwd: QKV [B, S, 3, H, HD] -> Q, K, V [B, H, S, HD] (contiguous): q and k rotated by the
-//             angles of their position, v copied.
+//   rope_fwd: QKV [B, S, 3, H, HD] -> Q, K, V, each [B, S, H, HD] in memory (used as [B, H, S, HD]
+//             views: SDPA then keeps that layout for its output, which reshapes to [B, S, H HD] for
+//             the output projection without a copy): q and k rotated by the angles of their
+//             position, v copied.
 //             out[i] = x[i] cos - x[i + HD/2] sin,  out[i + HD/2] = x[i + HD/2] cos + x[i] sin
 //   rope_bwd: dQ, dK, dV [B, H, S, HD] (any strides over B, H, S; HD contiguous) -> dQKV
 //             [B, S, 3, H, HD]: the transposed rotation (by minus the angle), dv copied.
@@ -52,7 +54,7 @@ rope_fwd(const tw_u32* __restrict__ QKV, const float* __restrict__ COS, const fl
   const tw_u32* src = QKV + (size_t)r * (HD / 2);
   tw_u32 first = src[p], second = src[P + p];
   if (w.which < 2) rp_rotate(first, second, COS, SIN, w.s, HD, p, 1.f);
-  tw_u32* dst = (w.which == 0 ? Q : w.which == 1 ? K : V) + (((size_t)w.b * H + w.h) * S + w.s) * (HD / 2);
+  tw_u32* dst = (w.which == 0 ? Q : w.which == 1 ? K : V) + (((size_t)w.b * S + w.s) * H + w.h) * (HD / 2);
   dst[p] = first;
   dst[P + p] = second;
 }
