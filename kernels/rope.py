@@ -141,8 +141,9 @@ def _(qkv, cos, sin, n_heads):
 @torch.library.custom_op("sparse_llm::rope_qkv_bwd", mutates_args=())
 def rope_qkv_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """d qkv [batch, seq, 3 d_model] from the gradients of q, k, v: the rotation by minus the angle."""
+    batch, n_heads, seq, head_dim = dq.shape
     same = dk.dtype == dv.dtype == dq.dtype and dk.device == dv.device == dq.device
-    if same and kernel_supported(dq, cos, *dq.shape):
+    if same and kernel_supported(dq, cos, batch, seq, n_heads, head_dim):
         return _bwd_cuda(dq, dk, dv, cos, sin)
     parts = [rope_reference(dq, cos, -sin), rope_reference(dk, cos, -sin), dv]
     return torch.stack(parts, dim=2).transpose(1, 3).flatten(2).contiguous()
@@ -178,8 +179,8 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> tuple[Tenso
         raise ValueError(f"rope tables {tuple(cos.shape)} / {tuple(sin.shape)} do not match "
                          f"(seq, head_dim) = ({seq}, {width // (3 * n_heads)})")
     if torch.compiler.is_compiling():
-        # Inductor fuses the formula with its neighbours; the opaque op made compiled 1B / 1.5B training
-        # steps 22% slower (H100, 2026-11-24)
+        # Inductor fuses the formula with its neighbours; the opaque op (running its formula fallback
+        # in that run) made compiled 1B / 1.5B training steps 22% slower (H100, 2026-11-24)
         q, k, v = split_heads(qkv, n_heads)
         return rope_reference(q, cos, sin), rope_reference(k, cos, sin), v
     return torch.ops.sparse_llm.rope_qkv(qkv, cos, sin, n_heads)
