@@ -172,7 +172,7 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int) -> tuple[Tenso
     """Split the qkv projection's output [batch, seq, 3 d_model] into heads and rotate q and k by the
     float32 tables cos, sin [seq, head_dim] (sparse_llm.model.rope.rope_tables): q, k, v, each
     [batch, heads, seq, head_dim]. Differentiable w.r.t. qkv."""
-    batch, seq, width = qkv.shape
+    _, seq, width = qkv.shape
     if width % (3 * n_heads) or (width // (3 * n_heads)) % 2:
         raise ValueError(f"qkv width {width} is not 3 x n_heads ({n_heads}) x an even head_dim")
     if cos.shape != (seq, width // (3 * n_heads)) or sin.shape != cos.shape:

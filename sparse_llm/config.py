@@ -244,7 +244,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _positive("parallel.selective_every", cfg.parallel.selective_every)
     _positive("parallel.replicate", cfg.parallel.replicate)
     _require(cfg.parallel.loss_chunk_tokens >= 0,
-             f"parallel.loss_chunk_tokens={cfg.parallel.loss_chunk_tokens} must be >= 0 (0 = the cross entropy in one pass)")
+             f"parallel.loss_chunk_tokens={cfg.parallel.loss_chunk_tokens} must be >= 0 "
+             "(0 = the cross entropy in one pass)")
     _require(world_size % cfg.parallel.replicate == 0,
              f"parallel.replicate={cfg.parallel.replicate} must divide the world size {world_size}")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)

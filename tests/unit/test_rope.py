@@ -56,8 +56,8 @@ def test_opcheck(dtype):
     qkv, cos, sin = make_case(dtype=dtype)
     torch.library.opcheck(torch.ops.sparse_llm.rope_qkv.default, (qkv.requires_grad_(), cos, sin, 3))
     q, k, v = (torch.randn(2, 3, 7, 8).to(dtype) for _ in range(3))
-    torch.library.opcheck(torch.ops.sparse_llm.rope_qkv_bwd.default, (q, k.transpose(1, 2).contiguous().transpose(1, 2), v,
-                                                                     cos, sin))
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # a gradient in [batch, seq, heads, head_dim] memory
+    torch.library.opcheck(torch.ops.sparse_llm.rope_qkv_bwd.default, (q, k, v, cos, sin))
 
 
 def test_bad_shapes_name_the_mismatch():
