@@ -6,23 +6,14 @@ memory poisoned with NaN first."""
 import pytest
 import torch
 
+from tests.gpu.helpers import poison_cache, rel
+
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
     from sparse_llm.kernels import hybrid_reference as ref
     from sparse_llm.kernels import reference
     from sparse_llm.kernels.hybrid import hybrid_ffn, kernel_supported
-
-
-def poison_cache():
-    """Fill free blocks of the caching allocator with NaN so that unwritten outputs show up."""
-    blocks = [torch.full((1 << 24,), float("nan"), device="cuda") for _ in range(16)]
-    del blocks
-
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-30)).item()
 
 
 def make_inputs(n, d, f, dtype, gated=True, mean_active=8.0, adversarial=False, dense_unit=False):

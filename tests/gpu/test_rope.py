@@ -5,21 +5,13 @@ inputs every call; outputs land in memory poisoned with NaN first."""
 import pytest
 import torch
 
+from tests.gpu.helpers import poison_cache, rel
+
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
     from sparse_llm.kernels.rope import kernel_supported, rope_qkv, rope_reference, split_heads
     from sparse_llm.model.rope import rope_tables
-
-
-def poison_cache():
-    blocks = [torch.full((1 << 24,), float("nan"), device="cuda") for _ in range(8)]
-    del blocks
-
-
-def rel(a, b):
-    a, b = a.float(), b.float()
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-30)).item()
 
 
 def make_case(batch, seq, n_heads, head_dim, dtype):

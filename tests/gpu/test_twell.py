@@ -13,6 +13,7 @@ from sparse_llm.kernels import twell
 from sparse_llm.kernels import twell_reference as tr
 from sparse_llm.kernels.reference import ffn_reference_fp32
 from sparse_llm.kernels.synthetic import make_synthetic_ffn
+from tests.gpu.helpers import rel
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -20,10 +21,6 @@ DEV = "cuda"
 
 def _seed():
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-
-
-def _rel(y, ref):
-    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
 def _assert_stats(stats, x, w_gate, tile, slots, seed):
@@ -98,7 +95,7 @@ def test_fused_adversarial_poisoned(gated, dtype, n, d_model, d_ff, tile, slots)
     ref = h @ w_down.float().t()
     assert torch.isfinite(y).all(), f"seed {seed}: unwritten or non-finite outputs"
     assert (y[0] == 0).all(), f"seed {seed}: a token with no active unit must give y = 0"
-    err = _rel(y, ref)
+    err = rel(y, ref)
     assert err < 1e-2, f"seed {seed}: rel err {err}"
     row_err = (y.float() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-6)
     assert row_err[1:5].max().item() < 2e-2, f"seed {seed}: adversarial rows {row_err[1:5].tolist()}"
@@ -127,7 +124,7 @@ def test_twell_ffn_vs_fp32(case):
     ref = ffn_reference_fp32(x, w_gate, w_up, syn.w_down)
     assert y.shape == x.shape and y.dtype == dtype
     assert torch.isfinite(y).all(), f"seed {seed}"
-    err = _rel(y, ref)
+    err = rel(y, ref)
     assert err < 1e-2, f"seed {seed}: rel err {err} (mean active {mean_active:.1f})"
     _assert_stats(stats, syn.x, w_gate if gated else w_up, tile, slots, seed)
 
@@ -143,7 +140,7 @@ def test_scan_variant_and_configs():
                     twell.FusedConfig(passes=2, scan=1, pack_unroll=8)]:
             twell.set_default_config(cfg)
             y = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
-            assert _rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
+            assert rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
     finally:
         twell.set_default_config(None)
 
@@ -157,7 +154,7 @@ def test_lpt_order_and_passes():
                     twell.FusedConfig(lpt=1, passes=3, slice_width=512, regs=96)]:
             twell.set_default_config(cfg)
             y, stats = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down, slots=8, return_stats=True)
-            assert torch.isfinite(y).all() and _rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
+            assert torch.isfinite(y).all() and rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
             _assert_stats(stats, syn.x, syn.w_gate, 256, 8, seed)
     finally:
         twell.set_default_config(None)
@@ -194,7 +191,7 @@ def _graph_check(seed, n):
         eager = twell.twell_ffn(new_x, syn.w_gate, syn.w_up, None, w_down_t=w_dt)
         torch.cuda.synchronize()
         assert torch.equal(static_y, eager), f"seed {seed}"
-        assert _rel(static_y, ffn_reference_fp32(new_x, syn.w_gate, syn.w_up, syn.w_down)) < 1e-2
+        assert rel(static_y, ffn_reference_fp32(new_x, syn.w_gate, syn.w_up, syn.w_down)) < 1e-2
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -293,8 +290,8 @@ def test_gate_kernel_pipeline_matches_cublas_path():
         for gate_kernel in (1, 0):
             twell.set_default_config(twell.FusedConfig(gate_kernel=gate_kernel))
             y = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
-            assert _rel(y, ref) < 1e-2, f"seed {seed}: gate_kernel={gate_kernel}"
+            assert rel(y, ref) < 1e-2, f"seed {seed}: gate_kernel={gate_kernel}"
             outs.append(y)
     finally:
         twell.set_default_config(None)
-    assert _rel(outs[0], outs[1]) < 5e-3, f"seed {seed}"
+    assert rel(outs[0], outs[1]) < 5e-3, f"seed {seed}"
