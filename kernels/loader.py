@@ -133,22 +133,19 @@ def _current_cupy_stream():
     costs more host time than the launch itself."""
     raw = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
     view = _CUPY_STREAMS.get(raw)
-    return view if view is not None else _cupy_stream(torch.cuda.current_stream())
+    if view is None:
+        view = _CUPY_STREAMS[raw] = _cupy_view(torch.cuda.current_stream())
+    return view
 
 
-def _cupy_stream(stream: torch.cuda.Stream):
+def _cupy_view(stream: torch.cuda.Stream):
     """CuPy's view of a torch stream: through the CUDA stream protocol (Stream.from_external,
     CuPy >= 14) or ExternalStream (older CuPy)."""
     import cupy
 
-    view = _CUPY_STREAMS.get(stream.cuda_stream)
-    if view is None:
-        if hasattr(cupy.cuda.Stream, "from_external"):
-            view = cupy.cuda.Stream.from_external(stream)
-        else:
-            view = cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
-        _CUPY_STREAMS[stream.cuda_stream] = view
-    return view
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index)
 
 
 def _nvcc_command(name: str, arch: str, defines, output: str) -> list[str]:
