@@ -41,7 +41,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens:
     if chunk_tokens <= 0 or chunk_tokens >= logits.shape[0]:
         return _cross_entropy_sum(logits, targets)
     chunks = zip(logits.split(chunk_tokens), targets.split(chunk_tokens))
-    return sum(checkpoint(_cross_entropy_sum, part, part_targets, use_reentrant=False) for part, part_targets in chunks)
+    return sum(checkpoint(_cross_entropy_sum, part, part_targets, use_reentrant=False)
+               for part, part_targets in chunks)
 
 
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
