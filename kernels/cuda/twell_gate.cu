@@ -14,13 +14,10 @@
 //    that slice to all of them, which cuts the L2 -> SM traffic (at 48 KB a k-step per CTA the
 //    unclustered kernel moved ~7 TB/s, the L2's limit) by a third for pairs;
 //  - warpgroups 1 and 2: each owns 64 rows of the tile, runs wgmma m64n256k16 from shared memory
-//    into float32 accumulators (128 registers a thread) and frees each stage through its `empty`
-//    mbarrier (in every CTA of the cluster: a stage is refilled by all of them). At the end of a
-//    tile the accumulators are rounded into 64 registers of 16-bit pairs and the next tile's
-//    products start at once; the pack of the rounded tile (through a 4 KB shared-memory scratch per
-//    warp, so that only active elements are visited) runs while the tensor cores work on the next
-//    tile's first two k-blocks, one row half behind each (TG_DEFER_PACK 0: pack before the next
-//    tile starts, with the tensor cores idle, as v5 did).
+//    into float32 accumulators (128 registers a thread), frees each stage through its `empty`
+//    mbarrier (in every CTA of the cluster: a stage is refilled by all of them), then packs its
+//    rows from the registers (through a 4 KB shared-memory scratch per warp, so that only active
+//    elements are visited) while the copy engine already fills the ring for the next tile.
 // Accumulator layout (wgmma m64nNk16, f32): thread l of warp w holds rows 16 w + l / 4 (+ 8) and
 // columns 8 i + 2 (l % 4) (+ 1), i = 0..31: registers 4 i + {0, 1} (row) and 4 i + {2, 3} (row + 8).
 #include "twell_common.cuh"
@@ -34,15 +31,6 @@
 #ifndef TG_CLUSTER
 #define TG_CLUSTER 2
 #endif
-#ifndef TG_DEFER_PACK
-#define TG_DEFER_PACK 1
-#endif
-#ifndef TG_PACK_AT
-#define TG_PACK_AT 0
-#endif
-#ifndef TG_PACK_AFTER_WAIT
-#define TG_PACK_AFTER_WAIT 0
-#endif
 static_assert(TG_CLUSTER == 1 || TG_CLUSTER == 2 || TG_CLUSTER == 4, "TG_CLUSTER must be 1, 2 or 4");
 #define TG_BM 128
 #define TG_BN 256
@@ -53,13 +41,11 @@ static_assert(TW_TILE == TG_BN, "the fused gate kernel packs 256-column tiles (T
 
 #if TW_DTYPE == 0
 #define TG_AB "bf16.bf16"
-#define TG_INF_BITS 0x7F80u
+#define TG_ROUNDS_TO_ZERO 0x1p-134f  // half the smallest bf16 subnormal: ties round to even, to 0
 #else
 #define TG_AB "f16.f16"
-#define TG_INF_BITS 0x7C00u
+#define TG_ROUNDS_TO_ZERO 0x1p-25f  // half the smallest fp16 subnormal
 #endif
-// A rounded 16-bit value is > 0 (ReLU keeps it) iff its bits are in [1, +inf]: not a zero, a negative or a NaN.
-__device__ __forceinline__ unsigned tg_positive(unsigned bits16) { return bits16 - 1u < TG_INF_BITS ? 1u : 0u; }
 
 // The driver's CUtensorMap (cuTensorMapEncodeTiled), passed by value.
 struct __align__(64) TgTensorMap {
@@ -204,15 +190,15 @@ __device__ __forceinline__ void tg_mma(float (&d)[128], unsigned long long desc_
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// ReLU + TwELL pack of one accumulator row of one 256-column tile from its 32 rounded pairs (half H of
-// `pairs`: pair i holds registers 4 i + 2 H + {0, 1}, i.e. row + 8 H, columns 8 i + 2 q + {0, 1}).
-// The row's 256 values are spread over the 4 threads of a quad; ascending slot order interleaves the
-// quad, so each active element's rank counts the quad's active elements in earlier column groups and
-// earlier threads of its own group. The pairs go to the warp's shared-memory scratch (word i of lane
-// l at 4 (32 i + l): no bank conflicts; each lane reads back only its own words), so the slot loop
-// visits only the thread's active elements with a run-time index (a register array indexed at run time would live in local memory).
+// ReLU + TwELL pack of one accumulator row (half 0: registers 4 i + {0, 1}; half 1: 4 i + {2, 3}) of
+// one 256-column tile. The row's 256 values are spread over the 4 threads of a quad, thread q holding
+// columns 8 i + 2 q + {0, 1}; ascending slot order interleaves the quad, so each active element's rank
+// counts the quad's active elements in earlier column groups and earlier threads of its own group.
+// The rounded pairs go to the warp's shared-memory scratch (word i of lane l at 4 (32 i + l): no bank
+// conflicts), so the slot loop visits only the thread's active elements with a run-time index (a
+// register array indexed at run time would live in local memory).
 template <int H>
-__device__ __forceinline__ void tg_pack_row(const tw_u32 (&pairs)[64], unsigned scratch, long long row, int n_rows,
+__device__ __forceinline__ void tg_pack_row(const float (&d)[128], unsigned scratch, long long row, int n_rows,
                                             int ktile, int nt, int d_ff, int lane, tw_u16* __restrict__ gate,
                                             int* __restrict__ counts, tw_u32* __restrict__ slots,
                                             int* __restrict__ stats, int* __restrict__ row_total) {
@@ -220,11 +206,11 @@ __device__ __forceinline__ void tg_pack_row(const tw_u32 (&pairs)[64], unsigned 
   const unsigned mine = scratch + 4 * lane;
   unsigned mlo = 0u, mhi = 0u;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    const tw_u32 w = pairs[32 * H + i];
-    mlo |= tg_positive(w & 0xFFFFu) << i;
-    mhi |= tg_positive(w >> 16) << i;
-    asm volatile("st.shared.b32 [%0], %1;" ::"r"(mine + 128 * i), "r"(w) : "memory");
+  for (int i = 0; i < 32; ++i) {  // > 0 after rounding to 16 bits iff > TG_ROUNDS_TO_ZERO (NaN: false)
+    mlo |= (d[4 * i + 2 * H] > TG_ROUNDS_TO_ZERO ? 1u : 0u) << i;
+    mhi |= (d[4 * i + 2 * H + 1] > TG_ROUNDS_TO_ZERO ? 1u : 0u) << i;
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(mine + 128 * i), "r"(tw_pack2(d[4 * i + 2 * H], d[4 * i + 2 * H + 1]))
+                 : "memory");
   }
   unsigned ql[4], qh[4];
   int total = 0;
@@ -347,13 +333,10 @@ twell_gate_pack(const __grid_constant__ TgTensorMap map_x,  // X [n_rows, d_mode
     const int half = t / 128;         // which 64 rows of the tile
     const int warp = (t % 128) / 32;
     const int lane = t % 32;
-    const unsigned mine = scratch + (half * 4 + warp) * TG_SCRATCH_BYTES;
-    // the rounded tile waiting for its pack: row `row` (+ 8) of column tile `ktile`; row < 0: none
-    tw_u32 pairs[64];
-    long long row = -1;
-    int ktile = 0;
     int it = 0;
     for (int tile = first_tile; tile < n_tiles; tile += tile_step) {
+      const int m0 = (tile / nt) * TG_BM * TG_CLUSTER + rank * TG_BM;
+      const int ktile = tile % nt;
       float d[128];
 #pragma unroll
       for (int i = 0; i < 128; ++i) d[i] = 0.f;
@@ -367,44 +350,18 @@ twell_gate_pack(const __grid_constant__ TgTensorMap map_x,  // X [n_rows, d_mode
         for (int k = 0; k < TG_BK / 16; ++k)  // 16 elements = 32 bytes along the swizzled row
           tg_mma(d, tg_desc(a + 32 * k), tg_desc(b + 32 * k), (kb > 0 || k > 0) ? 1 : 0);
         tg_wgmma_commit();
-        if (TG_DEFER_PACK && !TG_PACK_AFTER_WAIT && row >= 0) {  // the previous tile's pack, behind this tile's products
-          if (kb == min(TG_PACK_AT, kblocks - 1)) tg_pack_row<0>(pairs, mine, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-          if (kb == min(TG_PACK_AT + 1, kblocks - 1)) {
-            tg_pack_row<1>(pairs, mine, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-            row = -1;
-          }
-        }
         if (kb > 0) {  // the previous stage's products are done: give it back to the copy engine
           tg_wgmma_wait<1>();
           if (lane == 0) tg_release(bars + 8 * (TG_STAGES + (it - 1) % TG_STAGES));
-        }
-        if (TG_DEFER_PACK && TG_PACK_AFTER_WAIT && row >= 0) {
-          if (kb == min(TG_PACK_AT, kblocks - 1)) tg_pack_row<0>(pairs, mine, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-          if (kb == min(TG_PACK_AT + 1, kblocks - 1)) {
-            tg_pack_row<1>(pairs, mine, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-            row = -1;
-          }
         }
       }
       tg_wgmma_wait<0>();
       tg_fence_acc(d);
       if (lane == 0) tg_release(bars + 8 * (TG_STAGES + (it - 1) % TG_STAGES));
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        pairs[i] = tw_pack2(d[4 * i], d[4 * i + 1]);
-        pairs[32 + i] = tw_pack2(d[4 * i + 2], d[4 * i + 3]);
-      }
-      row = (long long)((tile / nt) * TG_BM * TG_CLUSTER + rank * TG_BM) + half * 64 + warp * 16 + lane / 4;
-      ktile = tile % nt;
-      if (!TG_DEFER_PACK) {
-        tg_pack_row<0>(pairs, mine, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-        tg_pack_row<1>(pairs, mine, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-        row = -1;
-      }
-    }
-    if (row >= 0) {  // the last tile: nothing left to hide behind
-      tg_pack_row<0>(pairs, mine, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
-      tg_pack_row<1>(pairs, mine, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
+      const long long row = (long long)m0 + half * 64 + warp * 16 + lane / 4;
+      const unsigned mine = scratch + (half * 4 + warp) * TG_SCRATCH_BYTES;
+      tg_pack_row<0>(d, mine, row, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
+      tg_pack_row<1>(d, mine, row + 8, n_rows, ktile, nt, d_ff, lane, gate, counts, slots, stats, row_total);
     }
   }
   if (TG_CLUSTER > 1) tg_cluster_sync();
