@@ -98,8 +98,9 @@ class ParallelConfig:
     replicate: int = 1  # HSDP: world = replicate x shard; 1 = FSDP over all ranks
     reshard_after_forward: bool = True
     # cross entropy over chunks of this many tokens, each recomputed in the backward, so that the
-    # float32 [tokens, vocab] tensors of the loss never exist for the whole micro-batch; 0 = one pass
-    loss_chunk_tokens: int = 0
+    # float32 [tokens, vocab] tensors of the loss never exist for the whole micro-batch; 0 = one pass.
+    # 4096, measured at 1.5B on an H100: peak 61.4 -> 55.8 GiB dense, 43.0 -> 37.4 GiB sparse; dense 2.6% slower
+    loss_chunk_tokens: int = 4096
 
 
 @dataclass

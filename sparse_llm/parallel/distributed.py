@@ -40,6 +40,10 @@ def init_distributed(requested_device: str = "auto") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # before the first CUDA allocation: segments that grow in place keep a model near the memory
+    # limit from losing its headroom to fragmentation (2B dense on one H100 peaks at 73.4 of 79 GiB);
+    # a PYTORCH_CUDA_ALLOC_CONF of the user's wins
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = pick_device(requested_device, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

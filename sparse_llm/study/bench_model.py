@@ -159,6 +159,8 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
         result = {
             "overrides": overrides, "gpus": world.size, "train_tokens_per_s": train_tokens / train_s / world.size,
             "train_peak_gib": _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30, world.device),
+            # > 0: the allocator ran out, freed its cache and retried (a memory-starved, slower step)
+            "alloc_retries": _max_over_ranks(torch.cuda.memory_stats().get("num_alloc_retries", 0), world.device),
             "train_mj_per_token": train_mj / train_tokens if meter else None,
             "mfu": _mfu(train_tokens / train_s / world.size, cfg, world.device),
             "active_per_token": last.get("sparsity/active_per_token/mean"),
@@ -277,11 +279,12 @@ def _row_text(row: dict, rows: list[dict]) -> str:
     energy = row.get("forward_mj_per_token")
     single = same(row["variant"], 1) if gpus > 1 else None
     scaling = f" scaling {row['train_tokens_per_s'] / single['train_tokens_per_s']:.1%}" if single else ""
+    retries = f" alloc retries {row['alloc_retries']:.0f}" if row.get("alloc_retries") else ""
     train_energy = row.get("train_mj_per_token")
     train_energy_text = "" if train_energy is None else f"{train_energy:.3f} mJ/tok ({ratio('train_mj_per_token')}) "
     return (f"{row['model']:>5} {row['variant']:>13} {gpus}gpu | train {row['train_tokens_per_s']:>9.0f} tok/s/gpu "
             f"({ratio('train_tokens_per_s')}){scaling} "
-            f"peak {row['train_peak_gib']:5.1f} GiB ({ratio('train_peak_gib')}) {train_energy_text}"
+            f"peak {row['train_peak_gib']:5.1f} GiB ({ratio('train_peak_gib')}){retries} {train_energy_text}"
             f"mfu {row['mfu'] or 0:.3f} active {row['active_per_token'] or 0:.1f} | forward "
             f"{row['forward_tokens_per_s']:>9.0f} tok/s ({ratio('forward_tokens_per_s')}) "
             f"{'' if energy is None else f'{energy:.3f} mJ/tok'} ({ratio('forward_mj_per_token')})")

@@ -1,6 +1,9 @@
 """A short real training run on the GPU with the sparse kernels, against the PyTorch reference path:
 same data, same initialization, bf16. The loss curves must agree to bf16 noise."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,7 +12,7 @@ from sparse_llm.config import validate
 from sparse_llm.model.ffn import FeedForward
 from sparse_llm.parallel.distributed import init_distributed, shutdown
 from sparse_llm.train.run import build_trainer
-from tests.helpers import compose_config
+from tests.helpers import REPO, compose_config
 
 pytestmark = pytest.mark.gpu
 
@@ -101,3 +104,17 @@ def test_compiled_blocks_train_with_the_hybrid_kernel(tmp_path, tiny_corpus):
                       "parallel.compile=true", "parallel.activation_checkpointing=full"]
     assert train.main(common + ["kernel=hybrid", "run_name=compiled"]) == 0
     assert len(losses(tmp_path / "compiled")) == 4
+
+
+def test_a_fresh_process_allocates_in_expandable_segments():
+    """init_distributed's allocator default takes effect (it must run before the first CUDA
+    allocation, hence a fresh process) and a user's PYTORCH_CUDA_ALLOC_CONF is left alone."""
+    probe = ("import torch; from sparse_llm.parallel.distributed import init_distributed, shutdown; "
+             "init_distributed('cuda'); x = torch.empty(1 << 26, device='cuda'); "
+             "print(all(s['is_expandable'] for s in torch.cuda.memory._snapshot()['segments'])); shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    for extra, expected in (({}, "True"), ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, "False")):
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                             env={**env, **extra}, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == expected

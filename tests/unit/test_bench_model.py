@@ -50,3 +50,6 @@ def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
     assert "scaling" not in lines[0] and "scaling 98.0%" in lines[1]
     assert "(1.100x)" in lines[2] and "peak  34.5 GiB (0.750x)" in lines[2]
     assert "scaling 90.0%" in lines[3] and "(1.010x)" in lines[3]  # against the 2-GPU dense row
+    assert "alloc retries" not in "".join(lines)
+    starved = dict(rows[0], alloc_retries=3.0)
+    assert "peak  46.0 GiB (1.000x) alloc retries 3 " in _row_text(starved, [starved])
