@@ -2,7 +2,7 @@
 
     python -m sparse_llm.kernels.warmup [--arch sm_90a] [--models tiny 1b ...] [--dtypes bf16]
 
-Each module a training step (hybrid, RoPE) or an inference forward (TwELL) of those shapes would compile
+Each module a training step (hybrid, RoPE, the loss) or an inference forward (TwELL) of those shapes would compile
 at run time is built by nvcc into $SPARSE_LLM_KERNEL_CACHE, where `loader.get_kernel` finds it by
 the hash of (sources, defines, arch). The Dockerfile runs this at build time; anything it did not
 cover is still compiled by NVRTC on first use.
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from sparse_llm.kernels import hybrid, rope, twell
+from sparse_llm.kernels import cross_entropy, hybrid, rope, twell
 from sparse_llm.kernels.loader import compile_cubin, kernel_cache_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,7 +22,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
                     arch: str = "sm_90a") -> list[tuple[str, dict[str, int]]]:
-    variants = twell.kernel_variants(d_model, d_ff, gated, dtype, arch) + rope.kernel_variants(dtype)
+    variants = (twell.kernel_variants(d_model, d_ff, gated, dtype, arch) + rope.kernel_variants(dtype)
+                + cross_entropy.kernel_variants(dtype))
     if hybrid.shape_supported(d_model, d_ff):
         variants += hybrid.kernel_variants(d_model, d_ff, gated, dtype)
     return variants

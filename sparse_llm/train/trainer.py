@@ -196,7 +196,7 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             totals.data_time += time.perf_counter() - data_start
             output = self.model(inputs)
-            parts = lm_loss(output, targets, l1_coef, self.token_normalizer, cfg.parallel.loss_chunk_tokens)
+            parts = lm_loss(output, targets, l1_coef, self.token_normalizer)
             parts.total.backward()
             ce_sum += parts.ce_sum
             l1_term += parts.l1_term
@@ -273,7 +273,7 @@ class Trainer:
         for inputs, targets in self.val_loader.val_batches(self.cfg.eval_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             output = self.model(inputs)
-            parts = lm_loss(output, targets, 0.0, 1.0, self.cfg.parallel.loss_chunk_tokens)
+            parts = lm_loss(output, targets, 0.0, 1.0)
             sums[0] += parts.ce_sum
             sums[1] += targets.numel()
         self.model.train()

@@ -55,17 +55,6 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_corpus):
         assert resumed[step] == straight[step], step
 
 
-def test_chunked_loss_trains_like_one_pass(tmp_path, tiny_corpus):
-    # micro-batch 8 x 64 = 512 tokens in chunks of 100 (the last one short): same losses, eval included
-    common = ["logging.interval=1", "max_steps=6", "eval_interval=6"]
-    assert run_train(tmp_path, tiny_corpus, *common, name="one")[0] == 0
-    assert run_train(tmp_path, tiny_corpus, *common, "parallel.loss_chunk_tokens=100", name="chunked")[0] == 0
-    one, chunked = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "chunked")
-    for a, b in zip(one, chunked):
-        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-5)
-    assert one[-1]["val/ce"] == pytest.approx(chunked[-1]["val/ce"], rel=1e-5)
-
-
 def test_finished_run_is_not_overwritten(tmp_path, tiny_corpus):
     common = ["max_steps=5", "checkpoint.interval=5", "eval_batches=0"]
     code, run_dir = run_train(tmp_path, tiny_corpus, *common, name="done")

@@ -26,7 +26,7 @@ def cache(tmp_path, monkeypatch):
 def test_warmup_builds_the_cubins_the_loader_looks_up(cache):
     variants = warmup.kernel_variants(256, 1024, True, torch.bfloat16)
     assert {source for source, _ in variants} == {"twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "hybrid.cu",
-                                                  "rope.cu"}
+                                                  "rope.cu", "cross_entropy.cu"}
     assert "twell_gate.cu" not in {s for s, _ in warmup.kernel_variants(256, 1024, True, torch.bfloat16, "sm_80")}
     paths = warmup.warm([(256, 1024, True)], [torch.bfloat16], "sm_90a")
     assert all(p.is_file() and p.parent == cache and p.stat().st_size > 0 for p in paths)
@@ -37,7 +37,7 @@ def test_warmup_builds_the_cubins_the_loader_looks_up(cache):
 
 def test_hybrid_is_skipped_for_shapes_it_does_not_take():
     assert {s for s, _ in warmup.kernel_variants(128, 512, True, torch.bfloat16)} == {
-        "twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "rope.cu"}
+        "twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "rope.cu", "cross_entropy.cu"}
 
 
 def test_cubin_name_changes_with_sources_defines_and_arch(cache):
