@@ -8,82 +8,62 @@
 // One CTA per row: pass 1 folds each 16-byte vector into a running (max, sum of exp(x - max)) per
 // thread, then across the CTA; pass 2 re-reads the row (from L2: it was just read) and writes GRAD.
 // CE_DTYPE 0 = bf16, 1 = fp16, 2 = float32; V % (16 / element size) == 0 and 16-byte aligned rows (the
-// caller checks). No CUDA headers: compiles with NVRTC (CuPy) and nvcc alike.
+// caller checks). No CUDA headers: compiles with NVRTC (CuPy) and nvcc alike (16-bit conversions from
+// twell_common.cuh).
 
 #ifndef CE_DTYPE
 #define CE_DTYPE 0
 #endif
+#if CE_DTYPE == 1
+#define TW_DTYPE 1  // the 16-bit conversions of twell_common.cuh (float32 does not use them)
+#endif
+#include "twell_common.cuh"
+
 #define CE_THREADS 512
 #define CE_WARPS (CE_THREADS / 32)
-#define CE_FULL 0xffffffffu
-
 #if CE_DTYPE == 2
 #define CE_VEC 4
 #else
 #define CE_VEC 8
 #endif
-
-typedef unsigned int ce_u32;
-struct __align__(16) ce_vec {  // 16 bytes of elements (no CUDA headers: not ce_vec)
-  ce_u32 x, y, z, w;
-};
 #define CE_NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ float ce_half_to_float(ce_u32 bits16) {
-#if CE_DTYPE == 0
-  return __uint_as_float(bits16 << 16);
-#else
-  float f;
-  const unsigned short h = (unsigned short)bits16;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-#endif
-}
-
-__device__ __forceinline__ ce_u32 ce_pack2(float lo, float hi) {
-  ce_u32 r;
-#if CE_DTYPE == 0
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-  return r;
-}
-
-__device__ __forceinline__ void ce_unpack(ce_vec v, float (&f)[CE_VEC]) {
+__device__ __forceinline__ void ce_unpack(uint4 v, float (&f)[CE_VEC]) {
 #if CE_DTYPE == 2
   f[0] = __uint_as_float(v.x), f[1] = __uint_as_float(v.y), f[2] = __uint_as_float(v.z), f[3] = __uint_as_float(v.w);
 #else
-  const ce_u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    f[2 * i] = ce_half_to_float(w[i] & 0xFFFFu);
-    f[2 * i + 1] = ce_half_to_float(w[i] >> 16);
+    const tw_u32 w = tw_word(v, i);
+    f[2 * i] = tw_lo(w);
+    f[2 * i + 1] = tw_hi(w);
   }
 #endif
 }
 
-__device__ __forceinline__ ce_vec ce_pack(const float (&f)[CE_VEC]) {
+__device__ __forceinline__ uint4 ce_pack(const float (&f)[CE_VEC]) {
+  uint4 v;
 #if CE_DTYPE == 2
-  return {__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3])};
+  v.x = __float_as_uint(f[0]), v.y = __float_as_uint(f[1]), v.z = __float_as_uint(f[2]), v.w = __float_as_uint(f[3]);
 #else
-  return {ce_pack2(f[0], f[1]), ce_pack2(f[2], f[3]), ce_pack2(f[4], f[5]), ce_pack2(f[6], f[7])};
+  v.x = tw_pack2(f[0], f[1]), v.y = tw_pack2(f[2], f[3]), v.z = tw_pack2(f[4], f[5]), v.w = tw_pack2(f[6], f[7]);
 #endif
+  return v;
 }
 
-__device__ __forceinline__ float ce_element(const ce_vec* row, long long i) {
+__device__ __forceinline__ float ce_element(const uint4* row, long long i) {
 #if CE_DTYPE == 2
   return reinterpret_cast<const float*>(row)[i];
 #else
-  return ce_half_to_float(reinterpret_cast<const unsigned short*>(row)[i]);
+  return tw_to_float(reinterpret_cast<const tw_u16*>(row)[i]);
 #endif
 }
 
 // The logits are read twice and not again after the kernel: keep them out of L1, stream them in L2.
-__device__ __forceinline__ ce_vec ce_load(const ce_vec* p) {
-  ce_vec v;
+__device__ __forceinline__ uint4 ce_load(const uint4* p) {
+  uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -97,12 +77,12 @@ __device__ __forceinline__ void ce_combine(float& m, float& s, float m2, float s
 }
 
 extern "C" __global__ void __launch_bounds__(CE_THREADS)
-ce_loss_grad(const ce_vec* __restrict__ LOGITS, const long long* __restrict__ TARGETS, float* __restrict__ ROW_LOSS,
-             ce_vec* __restrict__ GRAD, int V, long long IGNORE) {
+ce_loss_grad(const uint4* __restrict__ LOGITS, const long long* __restrict__ TARGETS, float* __restrict__ ROW_LOSS,
+             uint4* __restrict__ GRAD, int V, long long IGNORE) {
   __shared__ float part_m[CE_WARPS], part_s[CE_WARPS], lse_shared;
   const long long row = blockIdx.x;
   const int nvec = V / CE_VEC;
-  const ce_vec* x = LOGITS + row * nvec;
+  const uint4* x = LOGITS + row * nvec;
 
   float m = CE_NEG_INF, s = 0.f;
   for (int i = threadIdx.x; i < nvec; i += CE_THREADS) {
@@ -119,7 +99,7 @@ ce_loss_grad(const ce_vec* __restrict__ LOGITS, const long long* __restrict__ TA
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    const float m2 = __shfl_xor_sync(CE_FULL, m, offset), s2 = __shfl_xor_sync(CE_FULL, s, offset);
+    const float m2 = __shfl_xor_sync(TW_FULL_MASK, m, offset), s2 = __shfl_xor_sync(TW_FULL_MASK, s, offset);
     ce_combine(m, s, m2, s2);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -130,7 +110,7 @@ ce_loss_grad(const ce_vec* __restrict__ LOGITS, const long long* __restrict__ TA
     s = lane < CE_WARPS ? part_s[lane] : 0.f;
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-      const float m2 = __shfl_xor_sync(CE_FULL, m, offset), s2 = __shfl_xor_sync(CE_FULL, s, offset);
+      const float m2 = __shfl_xor_sync(TW_FULL_MASK, m, offset), s2 = __shfl_xor_sync(TW_FULL_MASK, s, offset);
       ce_combine(m, s, m2, s2);
     }
     if (lane == 0) lse_shared = m + __logf(s);
@@ -152,7 +132,7 @@ ce_loss_grad(const ce_vec* __restrict__ LOGITS, const long long* __restrict__ TA
     ROW_LOSS[row] = loss;
   }
   if (GRAD == nullptr) return;
-  ce_vec* g = GRAD + row * nvec;
+  uint4* g = GRAD + row * nvec;
   for (int i = threadIdx.x; i < nvec; i += CE_THREADS) {
     float f[CE_VEC];
     ce_unpack(ce_load(x + i), f);
