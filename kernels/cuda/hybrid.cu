@@ -38,10 +38,8 @@
 #define HY_FWD_MINB 1  // hy_forward: resident CTAs per SM asked of ptxas (caps its registers)
 #endif
 
-typedef unsigned int hy_u32;
-typedef unsigned short hy_u16;
-
-#define HY_FULL 0xffffffffu
+#define TW_DTYPE HY_DTYPE
+#include "twell_common.cuh"  // 16-bit conversions, L2 policies, 16-byte loads / stores, warp scan
 
 constexpr int D = HY_D;             // d_model
 constexpr int NC = D / 256;         // 16-byte chunks per lane when a warp covers a row of D
@@ -59,42 +57,22 @@ static_assert(D % 256 == 0 && D >= 256 && D <= 8192, "HY_D must be a multiple of
 // ---------------------------------------------------------------------------------------------
 // element conversions (16-bit patterns)
 
-__device__ __forceinline__ float hy_e2f(hy_u32 bits) {
+__device__ __forceinline__ tw_u32 hy_f2e(float f) {
 #if HY_DTYPE == 0
-  return __uint_as_float(bits << 16);
-#else
-  float f;
-  unsigned short h = (unsigned short)(bits & 0xFFFFu);
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-#endif
-}
-
-__device__ __forceinline__ float hy_lo(hy_u32 v) { return hy_e2f(v & 0xFFFFu); }
-__device__ __forceinline__ float hy_hi(hy_u32 v) {
-#if HY_DTYPE == 0
-  return __uint_as_float(v & 0xFFFF0000u);
-#else
-  return hy_e2f(v >> 16);
-#endif
-}
-
-__device__ __forceinline__ hy_u32 hy_f2e(float f) {
-#if HY_DTYPE == 0
-  hy_u32 u = __float_as_uint(f);
+  tw_u32 u = __float_as_uint(f);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
   u += 0x7FFFu + ((u >> 16) & 1u);                                 // round to nearest even
   return u >> 16;
 #else
   unsigned short h;
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return (hy_u32)h;
+  return (tw_u32)h;
 #endif
 }
 
 __device__ __forceinline__ void hy_unpack8(const uint4 q, float f[8]) {
-  f[0] = hy_lo(q.x); f[1] = hy_hi(q.x); f[2] = hy_lo(q.y); f[3] = hy_hi(q.y);
-  f[4] = hy_lo(q.z); f[5] = hy_hi(q.z); f[6] = hy_lo(q.w); f[7] = hy_hi(q.w);
+  f[0] = tw_lo(q.x); f[1] = tw_hi(q.x); f[2] = tw_lo(q.y); f[3] = tw_hi(q.y);
+  f[4] = tw_lo(q.z); f[5] = tw_hi(q.z); f[6] = tw_lo(q.w); f[7] = tw_hi(q.w);
 }
 
 __device__ __forceinline__ uint4 hy_pack8(const float f[8]) {
@@ -125,35 +103,9 @@ __device__ __forceinline__ void hy_axpy8(float acc[8], const float s, const uint
   for (int k = 0; k < 8; ++k) acc[k] = fmaf(s, fv[k], acc[k]);
 }
 
-// L2 eviction priorities: weight rows gathered by many tokens stay (evict_last); activations that
-// stream through once go first (evict_first).
-typedef unsigned long long hy_pol;
-__device__ __forceinline__ hy_pol hy_pol_last() {
-  hy_pol p;
-  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ hy_pol hy_pol_first() {
-  hy_pol p;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ uint4 hy_ld16(const uint4* p, hy_pol pol) {
-  uint4 v;
-  asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "l"(pol));
-  return v;
-}
-__device__ __forceinline__ void hy_st16(uint4* p, const uint4 v, hy_pol pol) {
-  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(v.x), "r"(v.y),
-               "r"(v.z), "r"(v.w), "l"(pol)
-               : "memory");
-}
-
 __device__ __forceinline__ float hy_warp_sum(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(HY_FULL, v, o);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TW_FULL_MASK, v, o);
   return v;
 }
 
@@ -173,20 +125,20 @@ __device__ __forceinline__ int hy_min(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ float hy_sign(float v) { return (float)(v > 0.f) - (float)(v < 0.f); }
 
 // Rank of column j among the active columns of row t (number of active columns before j).
-__device__ __forceinline__ int hy_rank(const hy_u32* __restrict__ mrow, const int* __restrict__ tprefix,
+__device__ __forceinline__ int hy_rank(const tw_u32* __restrict__ mrow, const int* __restrict__ tprefix,
                                        int t, int j, int nw, int nt) {
-  const hy_u32* r = mrow + (size_t)t * nw;
+  const tw_u32* r = mrow + (size_t)t * nw;
   int rank = __ldg(tprefix + (size_t)t * nt + (j >> 8));
   const int w = j >> 5;
   const int q0 = (j >> 8) << 3;
   if ((nw & 7) == 0) {  // the tile's 8 words in two 16-byte loads
     const uint4 lo = __ldg(reinterpret_cast<const uint4*>(r + q0));
     const uint4 hi = __ldg(reinterpret_cast<const uint4*>(r + q0) + 1);
-    const hy_u32 v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    const tw_u32 v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
     const int wi = w - q0;
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
-      const hy_u32 m = (q < wi) ? 0xFFFFFFFFu : (q == wi ? ((1u << (j & 31)) - 1u) : 0u);
+      const tw_u32 m = (q < wi) ? 0xFFFFFFFFu : (q == wi ? ((1u << (j & 31)) - 1u) : 0u);
       rank += __popc(v[q] & m);
     }
     return rank;
@@ -199,33 +151,28 @@ __device__ __forceinline__ int hy_rank(const hy_u32* __restrict__ mrow, const in
 // hy_pack: warp per row of G. 256 columns (one stats tile) per step, 8 per lane.
 
 extern "C" __global__ void __launch_bounds__(256)
-hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict__ tprefix,
+hy_pack(const tw_u16* __restrict__ G, tw_u32* __restrict__ mrow, int* __restrict__ tprefix,
         float2* __restrict__ ell, int N, int FF, int W) {
   const int lane = threadIdx.x & 31;
   const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (t >= N) return;
   const int nw = FF >> 5, nt = (FF + 255) >> 8;
-  const hy_u16* g = G + (size_t)t * FF;
-  const hy_pol pol_first = hy_pol_first();
+  const tw_u16* g = G + (size_t)t * FF;
+  const tw_u64 pol_first = tw_policy_stream();
   int base = 0;
   for (int T = 0; T < nt; ++T) {
     const int c0 = T * 256 + lane * 8;
-    hy_u32 m8 = 0;
+    tw_u32 m8 = 0;
     float f[8];
     if (c0 < FF) {
-      const uint4 q = hy_ld16(reinterpret_cast<const uint4*>(g + c0), pol_first);
+      const uint4 q = tw_ld16(reinterpret_cast<const uint4*>(g + c0), pol_first);
       hy_unpack8(q, f);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) m8 |= (hy_u32)(f[k] > 0.f) << k;
+      for (int k = 0; k < 8; ++k) m8 |= (tw_u32)(f[k] > 0.f) << k;
     }
     // ranks of this lane's active columns: base + active columns of lower lanes + lower bits
     const int cnt8 = __popc(m8);
-    int incl = cnt8;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(HY_FULL, incl, o);
-      if (lane >= o) incl += n;
-    }
+    int incl = tw_warp_scan(cnt8, lane);
     int r = base + incl - cnt8;
     if (r < W) {
 #pragma unroll
@@ -236,13 +183,13 @@ hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict
         }
       }
     }
-    hy_u32 w = m8 << (8 * (lane & 3));
-    w |= __shfl_xor_sync(HY_FULL, w, 1);
-    w |= __shfl_xor_sync(HY_FULL, w, 2);
+    tw_u32 w = m8 << (8 * (lane & 3));
+    w |= __shfl_xor_sync(TW_FULL_MASK, w, 1);
+    w |= __shfl_xor_sync(TW_FULL_MASK, w, 2);
     const int word = T * 8 + (lane >> 2);
     if ((lane & 3) == 0 && word < nw) mrow[(size_t)t * nw + word] = w;
     if (lane == 0) tprefix[(size_t)t * nt + T] = base;
-    base += __shfl_sync(HY_FULL, incl, 31);
+    base += __shfl_sync(TW_FULL_MASK, incl, 31);
   }
 }
 
@@ -251,17 +198,17 @@ hy_pack(const hy_u16* __restrict__ G, hy_u32* __restrict__ mrow, int* __restrict
 // shared memory, 32-bit accesses; block (32, 8).
 
 extern "C" __global__ void __launch_bounds__(256)
-hy_transpose16(const hy_u16* __restrict__ in, hy_u16* __restrict__ out, int R, int C) {
-  __shared__ hy_u16 tile[64][66];
+hy_transpose16(const tw_u16* __restrict__ in, tw_u16* __restrict__ out, int R, int C) {
+  __shared__ tw_u16 tile[64][66];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int r0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int r = r0 + ty + 8 * i, c = c0 + 2 * tx;
     if (r < R && c < C) {
-      const hy_u32 v = __ldg(reinterpret_cast<const hy_u32*>(in + (size_t)r * C + c));
-      tile[ty + 8 * i][2 * tx] = (hy_u16)(v & 0xFFFFu);
-      tile[ty + 8 * i][2 * tx + 1] = (hy_u16)(v >> 16);
+      const tw_u32 v = __ldg(reinterpret_cast<const tw_u32*>(in + (size_t)r * C + c));
+      tile[ty + 8 * i][2 * tx] = (tw_u16)(v & 0xFFFFu);
+      tile[ty + 8 * i][2 * tx + 1] = (tw_u16)(v >> 16);
     }
   }
   __syncthreads();
@@ -269,8 +216,8 @@ hy_transpose16(const hy_u16* __restrict__ in, hy_u16* __restrict__ out, int R, i
   for (int i = 0; i < 8; ++i) {
     const int c = c0 + ty + 8 * i, r = r0 + 2 * tx;
     if (c < C && r < R) {
-      const hy_u32 v = (hy_u32)tile[2 * tx][ty + 8 * i] | ((hy_u32)tile[2 * tx + 1][ty + 8 * i] << 16);
-      *reinterpret_cast<hy_u32*>(out + (size_t)c * R + r) = v;
+      const tw_u32 v = (tw_u32)tile[2 * tx][ty + 8 * i] | ((tw_u32)tile[2 * tx + 1][ty + 8 * i] << 16);
+      *reinterpret_cast<tw_u32*>(out + (size_t)c * R + r) = v;
     }
   }
 }
@@ -279,18 +226,18 @@ hy_transpose16(const hy_u16* __restrict__ in, hy_u16* __restrict__ out, int R, i
 // hy_transpose: mrow [N, nw] -> mcol [FF, WC], WC = ceil(N/32). Warp per (32-token block, word).
 
 extern "C" __global__ void __launch_bounds__(256)
-hy_transpose(const hy_u32* __restrict__ mrow, hy_u32* __restrict__ mcol, int N, int FF) {
+hy_transpose(const tw_u32* __restrict__ mrow, tw_u32* __restrict__ mcol, int N, int FF) {
   const int lane = threadIdx.x & 31;
   const int nw = FF >> 5, WC = (N + 31) >> 5;
   const int b = blockIdx.x;
   const int w = blockIdx.y * 8 + (threadIdx.x >> 5);
   if (w >= nw) return;
   const int t = b * 32 + lane;
-  const hy_u32 v = (t < N) ? __ldg(mrow + (size_t)t * nw + w) : 0u;
-  hy_u32 out = 0;
+  const tw_u32 v = (t < N) ? __ldg(mrow + (size_t)t * nw + w) : 0u;
+  tw_u32 out = 0;
 #pragma unroll
   for (int c = 0; c < 32; ++c) {
-    const hy_u32 bc = __ballot_sync(HY_FULL, (v >> c) & 1u);
+    const tw_u32 bc = __ballot_sync(TW_FULL_MASK, (v >> c) & 1u);
     if (lane == c) out = bc;
   }
   mcol[(size_t)(w * 32 + lane) * WC + b] = out;
@@ -357,8 +304,8 @@ __device__ __forceinline__ void hy_zero_acc(float acc[NC][8]) {
 // of x and of y, c < NC. G (the gate GEMM output, [N, FF]) gives a for pairs past the ELL.
 
 extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, HY_FWD_MINB)
-hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_u16* __restrict__ WU,
-           const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow, hy_u16* __restrict__ Y,
+hy_forward(const tw_u16* __restrict__ X, const tw_u16* __restrict__ G, const tw_u16* __restrict__ WU,
+           const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow, tw_u16* __restrict__ Y,
            float2* ell, float* __restrict__ l1_tok, int* __restrict__ tile_counts,
            int* __restrict__ neuron_counts, const int* __restrict__ order, const int* __restrict__ split_count,
            float* __restrict__ part_y, float* __restrict__ part_l1, int* __restrict__ part_tc, int R, int N,
@@ -373,14 +320,14 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
   if (work.t < 0) return;
   const int t = work.t;
   const int sel = work.part < 0 ? 0 : work.part, step = work.part < 0 ? 1 : ROW_PARTS;
-  const hy_pol pol_w = hy_pol_last(), pol_s = hy_pol_first();
+  const tw_u64 pol_w = tw_policy_keep(), pol_s = tw_policy_stream();
 
 #if HY_GATED
   uint4 xr[NC];
   {
     const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
 #pragma unroll
-    for (int c = 0; c < NC; ++c) xr[c] = hy_ld16(xrow + c * 32 + lane, pol_s);
+    for (int c = 0; c < NC; ++c) xr[c] = tw_ld16(xrow + c * 32 + lane, pol_s);
   }
 #endif
   float acc[NC][8];
@@ -389,15 +336,15 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
   float l1 = 0.f;
   int rank = 0;
   float a_pref = 0.f;  // lane l: a of the pair of rank 32*(rank/32) + l, from the ELL
-  const hy_u32* mr = mrow + (size_t)t * nw;
-  const hy_u16* grow = G + (size_t)t * FF;
+  const tw_u32* mr = mrow + (size_t)t * nw;
+  const tw_u16* grow = G + (size_t)t * FF;
   for (int wb = 0; wb < nw; wb += 32) {
-    hy_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
+    tw_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
     for (;; ++rank) {
-      const hy_u32 bal = __ballot_sync(HY_FULL, word != 0u);
+      const tw_u32 bal = __ballot_sync(TW_FULL_MASK, word != 0u);
       if (bal == 0u) break;
       const int src = __ffs(bal) - 1;
-      const hy_u32 ws = __shfl_sync(HY_FULL, word, src);
+      const tw_u32 ws = __shfl_sync(TW_FULL_MASK, word, src);
       const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
       if (lane == src) word &= word - 1u;
 
@@ -405,18 +352,18 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
         const int r = rank + lane;
         a_pref = (r < W) ? __ldg(&ell[(size_t)t * W + r].x) : 0.f;
       }
-      const float a_ell = __shfl_sync(HY_FULL, a_pref, rank & 31);
+      const float a_ell = __shfl_sync(TW_FULL_MASK, a_pref, rank & 31);
       if ((rank & (step - 1)) != sel) continue;
-      const float a = (rank < W) ? a_ell : hy_e2f(grow[j]);
+      const float a = (rank < W) ? a_ell : tw_to_float(grow[j]);
       const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
       uint4 wd[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wd[c] = hy_ld16(wdr + c * 32 + lane, pol_w);
+      for (int c = 0; c < NC; ++c) wd[c] = tw_ld16(wdr + c * 32 + lane, pol_w);
 #if HY_GATED
       const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
       uint4 wu[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wu[c] = hy_ld16(wur + c * 32 + lane, pol_w);
+      for (int c = 0; c < NC; ++c) wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
       float p = 0.f;
 #pragma unroll
       for (int c = 0; c < NC; ++c) p += hy_dot8(xr[c], wu[c]);
@@ -448,7 +395,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
   }
   uint4* yrow = reinterpret_cast<uint4*>(Y + (size_t)t * D);
 #pragma unroll
-  for (int c = 0; c < NC; ++c) hy_st16(yrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
+  for (int c = 0; c < NC; ++c) tw_st16(yrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
   if (lane == 0) l1_tok[t] = l1;
   for (int i = lane; i < nt; i += 32) tile_counts[(size_t)t * nt + i] = tc[i];
 }
@@ -458,7 +405,7 @@ hy_forward(const hy_u16* __restrict__ X, const hy_u16* __restrict__ G, const hy_
 // token's L1 sum and tile counts.
 extern "C" __global__ void __launch_bounds__(1024)
 hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1, const int* __restrict__ part_tc,
-               const int* __restrict__ order, const int* __restrict__ split_count, hy_u16* __restrict__ OUT,
+               const int* __restrict__ order, const int* __restrict__ split_count, tw_u16* __restrict__ OUT,
                float* __restrict__ l1_tok, int* __restrict__ tile_counts, int R, int N, int nt) {
   const int i = blockIdx.x, tid = threadIdx.x;
   if (i >= hy_min(hy_min(__ldg(split_count), R), N)) return;
@@ -491,24 +438,24 @@ hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1
 // recomputed exactly as hy_dw does.
 
 // acc += the pairs of row t whose rank r satisfies r % step == sel (step a power of two)
-__device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const hy_u16* __restrict__ X,
-                                          const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
-                                          const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT,
-                                          const hy_u32* __restrict__ mrow, const float2* __restrict__ ell_d,
+__device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const tw_u16* __restrict__ X,
+                                          const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+                                          const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT,
+                                          const tw_u32* __restrict__ mrow, const float2* __restrict__ ell_d,
                                           float dl1, int nw, int W) {
   const int lane = threadIdx.x & 31;
-  const hy_pol pol_w = hy_pol_last();
+  const tw_u64 pol_w = tw_policy_keep();
   const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
   const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
   int rank = 0;
-  const hy_u32* mr = mrow + (size_t)t * nw;
+  const tw_u32* mr = mrow + (size_t)t * nw;
   for (int wb = 0; wb < nw; wb += 32) {
-    hy_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
+    tw_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
     for (;; ++rank) {
-      const hy_u32 bal = __ballot_sync(HY_FULL, word != 0u);
+      const tw_u32 bal = __ballot_sync(TW_FULL_MASK, word != 0u);
       if (bal == 0u) break;
       const int src = __ffs(bal) - 1;
-      const hy_u32 ws = __shfl_sync(HY_FULL, word, src);
+      const tw_u32 ws = __shfl_sync(TW_FULL_MASK, word, src);
       const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
       if (lane == src) word &= word - 1u;
       if ((rank & (step - 1)) != sel) continue;  // step: a power of two
@@ -556,8 +503,8 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
       uint4 wg[NC], wu[NC];
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
-        wg[c] = hy_ld16(wgr + c * 32 + lane, pol_w);
-        wu[c] = hy_ld16(wur + c * 32 + lane, pol_w);
+        wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
+        wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
       }
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
@@ -567,7 +514,7 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
 #else
       uint4 wg[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wg[c] = hy_ld16(wgr + c * 32 + lane, pol_w);
+      for (int c = 0; c < NC; ++c) wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
 #pragma unroll
       for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
 #endif
@@ -583,9 +530,9 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
 #define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32)
 #endif
 extern "C" __global__ void HY_DX_BOUNDS
-hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
-      const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
-      const float2* __restrict__ ell_d, const float* __restrict__ dl1p, hy_u16* __restrict__ DX,
+hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+      const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+      const float2* __restrict__ ell_d, const float* __restrict__ dl1p, tw_u16* __restrict__ DX,
       const int* __restrict__ order, const int* __restrict__ split_count, float* __restrict__ part_dx, int R,
       int N, int FF, int W) {
   const int lane = threadIdx.x & 31;
@@ -599,10 +546,10 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
     hy_store_part(part_dx + ((size_t)work.index * ROW_PARTS + work.part) * D, acc);
     return;
   }
-  const hy_pol pol_s = hy_pol_first();
+  const tw_u64 pol_s = tw_policy_stream();
   uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)work.t * D);
 #pragma unroll
-  for (int c = 0; c < NC; ++c) hy_st16(dxrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
+  for (int c = 0; c < NC; ++c) tw_st16(dxrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,8 +561,8 @@ hy_dx(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 // a batch. A unit of one item writes its dW rows; the items of a split unit add float32 partial
 // rows into ACC (zeroed by hy_dw_zero) and hy_dw_finish writes those units' rows.
 
-__device__ __forceinline__ hy_u32 hy_smem_addr(const void* p) {
-  hy_u32 r;
+__device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
+  tw_u32 r;
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
   return r;
 }
@@ -639,11 +586,11 @@ __device__ __forceinline__ int hy_item_unit(const int* __restrict__ item_start, 
 }
 
 extern "C" __global__ void __launch_bounds__(DW_THR, DW_MINB)
-hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16* __restrict__ WG,
-      const hy_u16* __restrict__ WU, const hy_u16* __restrict__ WDT, const hy_u32* __restrict__ mrow,
-      const hy_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
-      const float* __restrict__ dl1p, float2* __restrict__ ell_d, hy_u16* __restrict__ DWG,
-      hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, const int* __restrict__ item_start,
+hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+      const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+      const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+      const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
+      tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
       float* __restrict__ ACC, int S, int N, int FF, int W, int WD) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
@@ -674,10 +621,10 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 
   // wd is used for every token; wg and wu only to recompute pairs past the ELL width: kept packed
   float wd[8];
-  hy_unpack8(hy_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, hy_pol_first()), wd);
-  const uint4 wgq = hy_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, hy_pol_first());
+  hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, tw_policy_stream()), wd);
+  const uint4 wgq = tw_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, tw_policy_stream());
 #if HY_GATED
-  const uint4 wuq = hy_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, hy_pol_first());
+  const uint4 wuq = tw_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, tw_policy_stream());
   float au[8];
 #endif
   float ag[8], ad[8];
@@ -690,12 +637,12 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 #endif
   }
 
-  const hy_u32* mc = mcol + (size_t)j * WC;
+  const tw_u32* mc = mcol + (size_t)j * WC;
   int seen = 0;  // tokens of unit j in earlier rounds
 #pragma unroll 1
   for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
     // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
-    hy_u32 words[DW_WPT];
+    tw_u32 words[DW_WPT];
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
@@ -703,12 +650,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
       words[q] = (wi < WC) ? __ldg(mc + wi) : 0u;
       cnt += __popc(words[q]);
     }
-    int incl = cnt;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(HY_FULL, incl, o);
-      if (lane >= o) incl += n;
-    }
+    int incl = tw_warp_scan(cnt, lane);
     __syncthreads();  // previous round's s_wsum reads are done
     if (lane == 31) s_wsum[warp] = incl;
     __syncthreads();
@@ -731,7 +673,7 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
         int p = off;
 #pragma unroll
         for (int q = 0; q < DW_WPT; ++q) {
-          hy_u32 wq = words[q];
+          tw_u32 wq = words[q];
           while (wq) {
             const int bit = __ffs(wq) - 1;
             wq &= wq - 1u;
@@ -885,11 +827,11 @@ hy_dw(const hy_u16* __restrict__ X, const hy_u16* __restrict__ DY, const hy_u16*
 #endif
     }
   } else {
-    hy_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), hy_pol_first());
+    tw_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), tw_policy_stream());
 #if HY_GATED
-    hy_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), hy_pol_first());
+    tw_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), tw_policy_stream());
 #endif
-    hy_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), hy_pol_first());
+    tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), tw_policy_stream());
   }
   __syncthreads();  // shared lists and partials are reused by the next item
   }
@@ -907,21 +849,11 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* __restrict__ item_start, 
   const int begin = min(FF, tid * per), end = min(FF, begin + per);
   int mine = 0;
   for (int j = begin; j < end; ++j) mine += hy_unit_items(__ldg(neuron_counts + j), part);
-  int inclusive = mine;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int v = __shfl_up_sync(HY_FULL, inclusive, offset);
-    if (lane >= offset) inclusive += v;
-  }
+  int inclusive = tw_warp_scan(mine, lane);
   if (lane == 31) warp_total[warp] = inclusive;
   __syncthreads();
   if (warp == 0) {
-    int total = warp_total[lane];
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const int v = __shfl_up_sync(HY_FULL, total, offset);
-      if (lane >= offset) total += v;
-    }
+    const int total = tw_warp_scan(warp_total[lane], lane);
     warp_total[lane] = total;  // inclusive over warps
   }
   __syncthreads();
@@ -943,8 +875,8 @@ hy_dw_zero(const int* __restrict__ item_start, float* __restrict__ ACC, int FF) 
 }
 
 extern "C" __global__ void __launch_bounds__(DW_THR)
-hy_dw_finish(const int* __restrict__ item_start, const float* __restrict__ ACC, hy_u16* __restrict__ DWG,
-             hy_u16* __restrict__ DWU, hy_u16* __restrict__ DWDT, int FF) {
+hy_dw_finish(const int* __restrict__ item_start, const float* __restrict__ ACC, tw_u16* __restrict__ DWG,
+             tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, int FF) {
   const int j = blockIdx.x, tid = threadIdx.x;
   if (__ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
   const float* acc = ACC + (size_t)j * 3 * D + tid * 8;

@@ -1,4 +1,6 @@
-// Shared helpers of the TwELL inference kernels (twell_pack.cu, twell_ffn.cu).
+// Shared helpers of the CUDA kernels: the TwELL format and its inference kernels (twell_pack.cu,
+// twell_ffn.cu, twell_gate.cu), and the 16-bit conversions, L2 policies, 16-byte accesses and warp
+// scan that hybrid.cu, rope.cu and cross_entropy.cu use as well.
 //
 // No CUDA headers are included on purpose: the kernels compile with NVRTC (CuPy RawModule) and
 // with nvcc alike, and bf16 / fp16 conversions are done with bit operations or one PTX `cvt`.
@@ -74,12 +76,12 @@ __device__ __forceinline__ tw_u32 tw_word(const uint4& v, int i) {
 // L2 eviction policies: weights are re-read by every token (keep), activations stream (drop first).
 __device__ __forceinline__ tw_u64 tw_policy_keep() {
   tw_u64 p;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
   return p;
 }
 __device__ __forceinline__ tw_u64 tw_policy_stream() {
   tw_u64 p;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
   return p;
 }
 
