@@ -20,7 +20,7 @@ from sparse_llm.model.rope import rope_tables
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor                 # [batch, seq, vocab]
+    logits: Optional[torch.Tensor]       # [batch, seq, vocab]; the trainer drops them after the loss
     ffn_stats: list[Optional[FFNStats]]  # one per layer; None for the dense SwiGLU FFN
 
 

@@ -197,6 +197,7 @@ class Trainer:
             totals.data_time += time.perf_counter() - data_start
             output = self.model(inputs)
             parts = lm_loss(output, targets, l1_coef, self.token_normalizer)
+            output = output._replace(logits=None)  # the backward does not read them: freed before it runs
             parts.total.backward()
             ce_sum += parts.ce_sum
             l1_term += parts.l1_term

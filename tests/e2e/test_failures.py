@@ -112,3 +112,29 @@ def test_resume_with_another_model_names_the_keys(tmp_path, tiny_corpus, capsys)
     code, _ = run_train(tmp_path, tiny_corpus, "max_steps=4", "model.n_layers=3", name="m")
     assert code == 2
     assert "model.n_layers: checkpoint 2 vs now 3" in capsys.readouterr().err
+
+
+def test_the_logits_are_freed_before_the_backward(tmp_path, tiny_corpus, monkeypatch):
+    # the loss keeps what its backward needs (d loss / d logits); the [tokens, vocab] logits
+    # themselves must not stay alive through the backward, where training memory peaks
+    import weakref
+
+    import sparse_llm.train.trainer as trainer_module
+
+    alive_at_backward = []
+    real_loss = trainer_module.lm_loss
+
+    def spy(output, *args):
+        parts = real_loss(output, *args)
+        logits = weakref.ref(output.logits)
+        parts.total.register_hook(lambda grad: alive_at_backward.append(logits() is not None))
+        return parts
+
+    monkeypatch.setattr(trainer_module, "lm_loss", spy)
+    trainer = build(tmp_path, tiny_corpus, "max_steps=2")
+    try:
+        trainer.fit()
+    finally:
+        trainer.logger.close()
+        shutdown()
+    assert alive_at_backward and not any(alive_at_backward)
