@@ -41,7 +41,8 @@ for section in "${sections[@]}"; do
                ${INFERENCE_ARGS:-}
              step bench_training python3 -m sparse_llm.kernels.bench training --profile --json "$OUT/bench_training.json" \
                ${TRAINING_ARGS:-}
-             step rope_ab python3 kernels/experiments/rope_ab.py ;;
+             step rope_ab python3 kernels/experiments/rope_ab.py
+             step loss_ab python3 kernels/experiments/loss_ab.py ;;
     ncu)     step ncu_hybrid ncu --clock-control none -k regex:'hy_(forward|dw|dx)' -c 6 --section SpeedOfLight \
                --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
                python3 kernels/hybrid_ncu_case.py ;;
