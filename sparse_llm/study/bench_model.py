@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -197,9 +198,11 @@ def _mfu(tokens_per_s: float, cfg, device) -> float | None:
 
 
 @torch.no_grad()
-def _time_forward(model, tokens: torch.Tensor, world, meter, repeats: int = 10) -> dict:
+def _time_forward(model, tokens: torch.Tensor, world, meter, min_seconds: float = 3.0) -> dict:
     """Inference forward of the calibration micro-batch `tokens` (so at the calibrated sparsity; TwELL
-    where the kernel mode is sparse): tokens/s per GPU, energy per token summed over GPUs."""
+    where the kernel mode is sparse): tokens/s per GPU, energy per token summed over GPUs. The timed
+    window holds at least 10 forwards and lasts about `min_seconds` (the same count on every rank),
+    so that NVML's energy counter, updated every few tens of ms, is read over a long enough span."""
     from sparse_llm.model.ffn import FeedForward
 
     for module in model.modules():
@@ -207,19 +210,26 @@ def _time_forward(model, tokens: torch.Tensor, world, meter, repeats: int = 10) 
             module.kernel = "twell"
     model.eval()
     device = world.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         model(tokens)
-    torch.cuda.synchronize()
+    sync()
+    start = time.perf_counter()
+    model(tokens)
+    sync()
+    one = time.perf_counter() - start
+    repeats = int(_max_over_ranks(max(10, math.ceil(min_seconds / max(one, 1e-6))), device))
     if meter:
         meter.delta_mj()
     start = time.perf_counter()
     for _ in range(repeats):
         model(tokens)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
     n = repeats * tokens.numel()
     mj = _sum_over_ranks(meter.delta_mj(), device) if meter else None
-    return {"forward_tokens_per_s": n / seconds, "forward_mj_per_token": mj / (n * world.size) if meter else None}
+    return {"forward_tokens_per_s": n / seconds, "forward_mj_per_token": mj / (n * world.size) if meter else None,
+            "forward_repeats": repeats}
 
 
 def main(argv: list[str]) -> None:

@@ -53,3 +53,26 @@ def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
     assert "alloc retries" not in "".join(lines)
     starved = dict(rows[0], alloc_retries=3.0)
     assert "peak  46.0 GiB (1.000x) alloc retries 3 " in _row_text(starved, [starved])
+
+
+def test_forward_timing_window_is_long_enough_for_the_energy_counter():
+    from sparse_llm.parallel.distributed import init_distributed, shutdown
+    from sparse_llm.study.bench_model import _time_forward
+
+    class FakeMeter:  # 500 mJ between any two reads
+        def delta_mj(self):
+            return 500.0
+
+    cfg = ModelConfig(d_model=64, n_layers=1, n_heads=2, d_ff=128, vocab_size=50, seq_len=16)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    tokens = torch.randint(0, 50, (2, 16))
+    world = init_distributed("cpu")
+    try:
+        quick = _time_forward(model, tokens, world, FakeMeter(), min_seconds=0.0)
+        long = _time_forward(model, tokens, world, FakeMeter(), min_seconds=0.3)
+    finally:
+        shutdown()
+    assert quick["forward_repeats"] == 10 and long["forward_repeats"] > 10
+    assert long["forward_mj_per_token"] == 500.0 / (long["forward_repeats"] * tokens.numel())
+    assert long["forward_tokens_per_s"] > 0
