@@ -96,7 +96,7 @@ class ParallelConfig:
     selective_every: int = 2
     compile: bool = False  # torch.compile each block
     replicate: int = 1  # HSDP: world = replicate x shard; 1 = FSDP over all ranks
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True  # every block but the last, whose backward comes first
 
 
 @dataclass

@@ -54,8 +54,12 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, p
     if cfg.compile:
         _compile_blocks(model)
     policy = mixed_precision(precision, device)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+    last = len(model.blocks) - 1
+    for index, block in enumerate(model.blocks):
+        # the last block's backward runs right after the forward: resharding it would only make the
+        # backward wait for a fresh all-gather
+        reshard = cfg.reshard_after_forward and index < last
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     # the root holds the tied embedding / LM head and the final norm; its params stay unsharded
     # after forward since the LM head runs last and backward needs them at once
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -124,3 +124,26 @@ def test_blocks_get_float32_rope_tables_under_bf16_mixed_precision(tmp_path):
         assert seen == {"x": torch.bfloat16, "cos": torch.float32, "sin": torch.float32}
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_the_last_block_is_not_resharded_after_the_forward(tmp_path, reshard):
+    # its backward comes first: resharding it would only make the backward wait for an all-gather
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from sparse_llm.config import ParallelConfig
+    from sparse_llm.parallel.fsdp import apply_parallelism
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = Transformer(ModelConfig(d_model=64, n_layers=3, n_heads=2, d_ff=128, vocab_size=50, seq_len=16))
+        apply_parallelism(model, ParallelConfig(reshard_after_forward=reshard), init_device_mesh("cpu", (1,)),
+                          "fp32", torch.device("cpu"))
+        model(torch.randint(0, 50, (2, 16))).logits.sum().backward()  # a full step first: lazy init
+        model(torch.randint(0, 50, (2, 16)))
+        sharded = [isinstance(block.attn_norm.weight, DTensor) for block in model.blocks]
+        assert sharded == ([True, True, False] if reshard else [False, False, False])
+    finally:
+        dist.destroy_process_group()
