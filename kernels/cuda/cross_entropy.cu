@@ -76,6 +76,15 @@ __device__ __forceinline__ void ce_combine(float& m, float& s, float m2, float s
   m = top;
 }
 
+// (m, s) of the whole warp, in every lane.
+__device__ __forceinline__ void ce_warp_combine(float& m, float& s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float m2 = __shfl_xor_sync(TW_FULL_MASK, m, offset), s2 = __shfl_xor_sync(TW_FULL_MASK, s, offset);
+    ce_combine(m, s, m2, s2);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(CE_THREADS)
 ce_loss_grad(const uint4* __restrict__ LOGITS, const long long* __restrict__ TARGETS, float* __restrict__ ROW_LOSS,
              uint4* __restrict__ GRAD, int V, long long IGNORE) {
@@ -97,22 +106,14 @@ ce_loss_grad(const uint4* __restrict__ LOGITS, const long long* __restrict__ TAR
     for (int j = 0; j < CE_VEC; ++j) sum += __expf(f[j] - shift);  // NaN logits make the sum NaN
     ce_combine(m, s, top, sum);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float m2 = __shfl_xor_sync(TW_FULL_MASK, m, offset), s2 = __shfl_xor_sync(TW_FULL_MASK, s, offset);
-    ce_combine(m, s, m2, s2);
-  }
+  ce_warp_combine(m, s);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) part_m[warp] = m, part_s[warp] = s;
   __syncthreads();
   if (warp == 0) {
     m = lane < CE_WARPS ? part_m[lane] : CE_NEG_INF;
     s = lane < CE_WARPS ? part_s[lane] : 0.f;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const float m2 = __shfl_xor_sync(TW_FULL_MASK, m, offset), s2 = __shfl_xor_sync(TW_FULL_MASK, s, offset);
-      ce_combine(m, s, m2, s2);
-    }
+    ce_warp_combine(m, s);
     if (lane == 0) lse_shared = m + __logf(s);
   }
   __syncthreads();
