@@ -5,8 +5,8 @@ max active units per token and the worst 256-wide tile, dense eager PyTorch time
 time, TwELL time (gate GEMM + pack + fused sparse up/down), both ratios, relative error against
 the float32 reference (ours and dense bf16), peak memory, the overflow rate, and the bytes the fused
 stage reads per active (token, neuron) pair with the rate that implies; stage times: cuBLAS gate GEMM +
-twell_pack, the fused gate GEMM + pack kernel (Hopper; the one twell_ffn uses there), the fused sparse
-stage. Then, per shape, the active
+twell_pack, the fused gate GEMM + pack kernel (Hopper; the one twell_ffn uses there), the sparse
+stage (the token-blocked up-projection where it runs, and the fused kernel). Then, per shape, the active
 fraction at which TwELL stops beating dense (linear fit of TwELL time against mean active count over
 the light-tailed levels). Timings: triton.testing.do_bench median (warm-up, L2 flushed before each
 repetition), one process, dense and ours measured in the same run.
@@ -43,6 +43,9 @@ SWEEP = [  # the first is the default; each later one changes one or two knobs
     replace(_D, grid_fill=0.5),
     replace(_D, pack_unroll=2),
     replace(_D, scan=1),
+    replace(_D, up_blocked=1),
+    replace(_D, up_blocked=1, up_ahead=2),
+    replace(_D, up_blocked=1, up_tokens=128),
 ]
 
 
@@ -99,8 +102,9 @@ def _stages(syn, w_dt, tile, slots, gated=True):
     t_gate_kernel = float("nan")
     if twell.gate_kernel_supported(x.device, x.dtype, tile, slots):
         t_gate_kernel = _bench(lambda: twell.twell_gate_pack(x, wg, slots, row_total=row_total), 100)
-    t_fused = _bench(lambda: twell.twell_ffn_packed(x, gate, counts, packed, wu if gated else None, w_dt, tile,
-                                                    order=order), 100)
+    h_slots = torch.empty_like(packed)  # the blocked up-projection writes here, so `packed` stays intact
+    t_fused = _bench(lambda: twell.twell_sparse_stage(x, gate, counts, packed, wu if gated else None, w_dt, tile,
+                                                      order=order, h_slots=h_slots), 100)
     return t_gate, t_pack, t_gate_kernel, t_fused, stats
 
 
@@ -134,7 +138,9 @@ def run_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots):
     for cfg in SWEEP:
         twell.set_default_config(cfg)
         try:
-            t_fused = _bench(lambda: twell.twell_ffn_packed(syn.x, gate, counts, packed, syn.w_up, w_dt, tile), 100)
+            h_slots = torch.empty_like(packed)
+            t_fused = _bench(lambda: twell.twell_sparse_stage(syn.x, gate, counts, packed, syn.w_up, w_dt, tile,
+                                                              h_slots=h_slots), 100)
             totals, err = [], 0.0
             for s_, w_, ref in inputs:
                 y = twell.twell_ffn(s_.x, s_.w_gate, s_.w_up, None, w_down_t=w_)
@@ -163,8 +169,9 @@ def run_pass_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots, base):
     times = {}
     for passes in sorted({1, 2, 3, 4, auto}):
         cfg = replace(base, passes=passes)
-        times[passes] = _bench(lambda: twell.twell_ffn_packed(syn.x, gate, counts, packed, syn.w_up, w_dt, tile,
-                                                              config=cfg), 100)
+        h_slots = torch.empty_like(packed)
+        times[passes] = _bench(lambda: twell.twell_sparse_stage(syn.x, gate, counts, packed, syn.w_up, w_dt, tile,
+                                                                config=cfg, h_slots=h_slots), 100)
     best = min(times, key=times.get)
     print(f"# passes sweep {d_model}x{d_ff} (weights {2 * d_model * d_ff * 2 / 2**20:.0f} MiB), fused ms: "
           + ", ".join(f"{k}: {v:.2f}" for k, v in times.items()) + f"; auto {auto}; using {best}", flush=True)

@@ -6,8 +6,12 @@ Pipeline on CUDA (all on torch.cuda.current_stream(), no host synchronization, C
  1. G = x W_gate^T by cuBLAS (torch.matmul), in the input dtype. Non-gated: G = x W_up^T.
  2. kernels/cuda/twell_pack.cu: ReLU + TwELL pack of G (per row and tile of `tile` columns: the true
     active count and up to `slots` (bits(value) << 16 | column) entries) and the overflow statistics.
- 3. kernels/cuda/twell_ffn.cu: per token, walk the active (neuron, g) pairs: u = x . Wu[j],
-    h = g * u, y += h * Wd^T[j]; a tile whose count exceeds `slots` is read from G instead (exact).
+ 3. (opt-in, FusedConfig.up_blocked=1; gated FFN where `up_blocked_supported`) kernels/cuda/twell_up.cu:
+    per block of 256 tokens, the stored pairs sorted by unit, u = x . Wu[j] with each Wu row read once
+    per block; h = g * u replaces g in the slots. Measured slower than step 4 alone on H100 (NOTES_twell.md v7).
+ 4. kernels/cuda/twell_ffn.cu: per token, walk the active (neuron, g or h) pairs: u = x . Wu[j] and
+    h = g * u where step 3 did not run, y += h * Wd^T[j]; a tile whose count exceeds `slots` is read
+    from G instead (exact).
 Weights keep nn.Linear layout; the down weight is used transposed ([d_ff, d_model], rows contiguous):
 pass `w_down_t=w_down.t().contiguous()` (cache it) to skip the transpose per call.
 
@@ -53,6 +57,11 @@ class FusedConfig:
     gate_stages: int = 4  # shared-memory pipeline depth of twell_gate.cu (48 KB a stage; 4 at most)
     gate_cluster: int = 2  # CTAs of twell_gate.cu that share (multicast) each Wg tile: 1, 2 or 4
     gate_sms: int = 0  # SMs the persistent twell_gate.cu grid may take (0: all)
+    up_blocked: int = 0  # gated: token-blocked up-projection (twell_up.cu) first; slower on H100 so far (NOTES_twell v7)
+    up_tokens: int = 256  # tokens per block of twell_up.cu (<= 256)
+    up_ahead: int = 4  # pairs between a Wu slice load and its use in twell_up.cu
+    up_pair_cap: int = 0  # pairs a twell_up.cu block sorts at once (0: what the shared memory holds)
+    up_l2_factor: float = 1.0  # use twell_up.cu while Wu's bytes <= factor x L2 size
 
     def team(self, d_model: int) -> int:
         team = 1
@@ -160,13 +169,100 @@ def _check_shapes(x_last: int, w_gate, w_up, w_down_t, tile: int, slots: int) ->
 
 
 def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch.dtype,
-                  config: Optional[FusedConfig] = None) -> dict[str, int]:
-    """The -D defines twell_ffn.cu is compiled with for this problem and launch configuration."""
+                  config: Optional[FusedConfig] = None, hslots: bool = False) -> dict[str, int]:
+    """The -D defines twell_ffn.cu is compiled with for this problem and launch configuration
+    (`hslots`: the slots hold h = g * u from twell_up.cu)."""
     cfg = config or current_config()
     block = cfg.block(d_model)
-    return dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_GATED=int(gated), TW_DTYPE=_dtype_code(dtype),
-                TW_TEAM=cfg.team(d_model), TW_BLOCK=block, TW_MINB=max(1, 65536 // (block * cfg.regs)),
-                TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch)
+    defines = dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_GATED=int(gated), TW_DTYPE=_dtype_code(dtype),
+                   TW_TEAM=cfg.team(d_model), TW_BLOCK=block, TW_MINB=max(1, 65536 // (block * cfg.regs)),
+                   TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch)
+    if hslots:
+        defines["TW_HSLOTS"] = 1
+    return defines
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-blocked up-projection (twell_up.cu)
+UP_THREADS = 512
+UP_MAX_D_FF = 16384  # its unit histogram lives in shared memory
+_UP_MIN_PAIR_CAP = 1024
+
+
+def up_defines(d_model: int, tile: int, slots: int, dtype: torch.dtype,
+               config: Optional[FusedConfig] = None) -> dict[str, int]:
+    cfg = config or current_config()
+    return dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype),
+                TU_TOKENS=cfg.up_tokens, TU_THREADS=UP_THREADS, TU_AHEAD=cfg.up_ahead)
+
+
+def _round4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def up_shared_bytes(d_model: int, d_ff: int, tile: int, tokens: int, pair_cap: int) -> int:
+    """Dynamic shared memory of twell_up.cu: the staged x slice (128 columns, or 64 where d_model is
+    not a multiple of 128), row and token prefix sums, the unit histogram, and 8 bytes a pair."""
+    cols = 128 if d_model % 128 == 0 else 64
+    nt = num_tiles(d_ff, tile)
+    return tokens * cols * 2 + 4 * (_round4(tokens * nt + 1) + _round4(tokens + 1) + _round4(d_ff + 1)) + 8 * pair_cap
+
+
+def _shared_optin(device: torch.device) -> int:
+    from sparse_llm.kernels.loader import device_properties
+
+    props = device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or (227 * 1024 if props.major >= 9 else 99 * 1024))
+
+
+def up_pair_capacity(device: torch.device, d_model: int, d_ff: int, tile: int, config: Optional[FusedConfig] = None) -> int:
+    """Pairs a twell_up.cu block sorts at once: the config's cap, else what the shared memory holds."""
+    cfg = config or current_config()
+    room = (_shared_optin(device) - 1024 - up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, 0)) // 8
+    return min(room, cfg.up_pair_cap) if cfg.up_pair_cap > 0 else room
+
+
+def up_blocked_supported(device: torch.device, d_model: int, d_ff: int, tile: int, slots: int,
+                         config: Optional[FusedConfig] = None) -> bool:
+    """True where the gated fused stage runs twell_up.cu first: enabled, slots a multiple of 4, d_ff
+    within the shared-memory histogram, Wu within `up_l2_factor` x L2, and room for a block to sort
+    at least one token's worth of pairs (and 1024)."""
+    cfg = config or current_config()
+    if not cfg.up_blocked or device.type != "cuda" or slots % 4 or d_ff > UP_MAX_D_FF or not 1 <= cfg.up_tokens <= 256:
+        return False
+    from sparse_llm.kernels.loader import device_properties
+
+    if d_ff * d_model * 2 > cfg.up_l2_factor * device_properties(device).L2_cache_size:
+        return False
+    cap = up_pair_capacity(device, d_model, d_ff, tile, cfg)
+    return cap >= num_tiles(d_ff, tile) * slots and (cap >= _UP_MIN_PAIR_CAP or cfg.up_pair_cap > 0)
+
+
+def twell_up_blocked(x2d: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, w_up: torch.Tensor,
+                     tile: int = DEFAULT_TILE, out: Optional[torch.Tensor] = None,
+                     config: Optional[FusedConfig] = None) -> torch.Tensor:
+    """h = g * (x . Wu[j]) for every stored slot of a non-overflowing tile, as (bits(h) << 16) | column
+    in `out` (default: a new tensor; `packed` itself to work in place). Slots past a tile's count and
+    the slots of overflowing tiles are left as they are. Needs `up_blocked_supported`."""
+    from sparse_llm.kernels.loader import get_kernel, launch, ptr
+
+    cfg = config or current_config()
+    n, d_model = x2d.shape
+    d_ff = w_up.shape[0]
+    slots = packed.shape[-1]
+    out = torch.empty_like(packed) if out is None else out
+    if n == 0:
+        return out
+    cap = up_pair_capacity(x2d.device, d_model, d_ff, tile, cfg)
+    if cap < num_tiles(d_ff, tile) * slots:
+        raise ValueError(f"twell_up_blocked: FusedConfig.up_pair_cap={cap} is below one token's "
+                         f"{num_tiles(d_ff, tile) * slots} slots; raise it or set up_blocked=0")
+    kernel = get_kernel("twell_up.cu", "twell_up_blocked", x2d.device, **up_defines(d_model, tile, slots, x2d.dtype, cfg))
+    shared = up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, cap)
+    launch(kernel, (-(-n // cfg.up_tokens),), (UP_THREADS,),
+           (ptr(x2d), ptr(counts), ptr(packed), ptr(w_up), ptr(out), np.int32(n), np.int32(d_ff), np.int32(cap)),
+           shared_mem=shared)
+    return out
 
 
 def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
@@ -179,6 +275,9 @@ def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
     cfg = current_config()
     variants = [("twell_pack.cu", pack_defines(DEFAULT_TILE, DEFAULT_SLOTS, dtype, cfg.pack_unroll)),
                 ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype))]
+    if gated and cfg.up_blocked and d_ff <= UP_MAX_D_FF and DEFAULT_SLOTS % 4 == 0:  # the device decides at run time
+        variants += [("twell_up.cu", up_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, dtype)),
+                     ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype, hslots=True))]
     if arch == GATE_KERNEL_ARCH and DEFAULT_TILE == GATE_KERNEL_TILE:
         variants.append(("twell_gate.cu", gate_defines(DEFAULT_SLOTS, dtype, cfg.gate_stages, cfg.gate_cluster)))
     return variants
@@ -372,7 +471,8 @@ def twell_gate_pack(x2d: torch.Tensor, w_gate: torch.Tensor, slots: int = DEFAUL
 
 
 def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, config: Optional[FusedConfig] = None) -> int:
-    """Neuron passes of the fused stage: enough that each pass's weight rows stay L2-resident."""
+    """Neuron passes of the fused stage: enough that each pass's weight rows stay L2-resident
+    (`gated`: it streams Wu rows as well as Wd^T rows)."""
     cfg = config or current_config()
     if cfg.passes > 0:
         return cfg.passes
@@ -386,10 +486,11 @@ def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, confi
 def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                      w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
                      out: Optional[torch.Tensor] = None, config: Optional[FusedConfig] = None,
-                     order: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     order: Optional[torch.Tensor] = None, hslots: bool = False) -> torch.Tensor:
     """The fused sparse stage: y [N, d_model] from x [N, d_model], the dense gate G [N, d_ff] (read
     only for overflowing tiles) and its TwELL form. `w_up=None` is the non-gated FFN (h = ReLU(G)).
-    `order` (int32 [N], a permutation of the tokens) is the order in which tokens are taken."""
+    `order` (int32 [N], a permutation of the tokens) is the order in which tokens are taken.
+    `hslots`: the slots hold h = g * u (twell_up_blocked's output), so only overflowing tiles use w_up."""
     from sparse_llm.kernels.loader import device_properties, get_kernel, launch, ptr
 
     cfg = config or current_config()
@@ -399,7 +500,9 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     y = out if out is not None else torch.empty_like(x2d)
     if n == 0:
         return y
-    defines = fused_defines(d_model, tile, slots, w_up is not None, x2d.dtype, cfg)
+    if hslots and (w_up is None or cfg.scan):
+        raise ValueError("hslots needs the gated FFN (w_up) and the packed form (FusedConfig.scan=0)")
+    defines = fused_defines(d_model, tile, slots, w_up is not None, x2d.dtype, cfg, hslots)
     kernel = get_kernel("twell_ffn.cu", "twell_ffn_fused", x2d.device, **defines)
     block = defines["TW_BLOCK"]
     tokens_per_block = block // 32 // defines["TW_TEAM"]
@@ -407,7 +510,7 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     resident = _resident_blocks(kernel, block, defines["TW_MINB"])
     grid = (max(1, min(-(-n // tokens_per_block), int(sms * resident * cfg.grid_fill))),)
     nt = num_tiles(d_ff, tile)
-    passes = min(num_passes(d_model, d_ff, w_up is not None, x2d.device, cfg), nt)
+    passes = min(num_passes(d_model, d_ff, w_up is not None and not hslots, x2d.device, cfg), nt)
     per_pass = -(-nt // passes)
     passes = -(-nt // per_pass)
     work = torch.zeros(passes, dtype=torch.int32, device=x2d.device)
@@ -445,11 +548,25 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
     return _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_down_t, tile, cfg, x.shape)
 
 
+def twell_sparse_stage(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
+                       w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
+                       config: Optional[FusedConfig] = None, order: Optional[torch.Tensor] = None,
+                       h_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Everything after the gate and pack: twell_up_blocked where supported (gated), then the fused
+    stage. The blocked up-projection writes h into `h_slots` (default: `packed` itself, in place)."""
+    cfg = config or current_config()
+    n, d_model = x2d.shape
+    if (w_up is not None and not cfg.scan
+            and up_blocked_supported(x2d.device, d_model, gate.shape[1], tile, packed.shape[-1], cfg)):
+        h_slots = twell_up_blocked(x2d, counts, packed, w_up, tile, out=packed if h_slots is None else h_slots, config=cfg)
+        return twell_ffn_packed(x2d, gate, counts, h_slots, w_up, w_down_t, tile, config=cfg, order=order, hslots=True)
+    return twell_ffn_packed(x2d, gate, counts, packed, w_up, w_down_t, tile, config=cfg, order=order)
+
+
 def _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_down_t, tile, cfg, shape):
     # longest-first order: heavy tokens start first, so none of them finishes alone at the end
     order = torch.argsort(row_total, descending=True).to(torch.int32) if row_total is not None else None
-    y = twell_ffn_packed(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, config=cfg,
-                         order=order)
+    y = twell_sparse_stage(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, cfg, order)
     return y.view(*shape), stats
 
 
@@ -504,5 +621,6 @@ __all__ = [
     "FusedConfig", "DEFAULT_CONFIG", "set_default_config", "current_config", "twell_ffn", "twell_ffn_op",
     "twell_pack", "twell_ffn_packed", "fused_defines", "pack_defines", "twell_is_faster", "crossover_active_fraction", "MEASURED_CROSSOVER",
     "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes", "twell_gate_pack", "gate_kernel_supported",
-    "gate_defines", "tensor_map",
+    "gate_defines", "tensor_map", "twell_up_blocked", "up_blocked_supported", "up_defines", "up_shared_bytes",
+    "twell_sparse_stage",
 ]

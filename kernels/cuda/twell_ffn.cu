@@ -6,7 +6,9 @@
 //
 // Active list of a token: TwELL (counts + slots from twell_pack.cu) for tiles with count <= S, and a
 // scan of the dense gate row for tiles that overflow (exact; nothing dropped). TW_SCAN 1 ignores the
-// packed form and scans the whole dense row (a comparison variant).
+// packed form and scans the whole dense row (a comparison variant). TW_HSLOTS 1 (gated only): the
+// slots already hold h instead of g (twell_up.cu computed u for them, token-blocked), so only the
+// pairs of overflowing tiles take the up-projection here.
 //
 // A team of TW_TEAM warps handles one token; warp w of the team owns the slice
 // [w * DS, (w + 1) * DS) of d_model (DS = d_model / TEAM): its part of x in registers (packed 16-bit),
@@ -51,6 +53,9 @@
 #ifndef TW_PREFETCH
 #define TW_PREFETCH 1  // issue the Wd^T row loads together with the Wu row loads
 #endif
+#ifndef TW_HSLOTS
+#define TW_HSLOTS 0
+#endif
 
 namespace twf {
 constexpr int DM = TW_DMODEL;
@@ -71,6 +76,8 @@ static_assert(TW_BLOCK % 32 == 0 && WARPS % TEAM == 0, "TW_BLOCK must hold whole
 static_assert(TEAM == 1 || TEAMS <= 15, "at most 15 named barriers per block");
 static_assert(WARPS * LCAP * 4 + TEAMS * 2 * G * TEAM * 4 <= 48 * 1024, "static shared memory over 48 KB");
 static_assert(G >= 1 && G <= 8, "TW_GROUP in [1, 8]");
+static_assert(!TW_HSLOTS || (TW_GATED && !TW_SCAN), "TW_HSLOTS needs the gated FFN and the packed form");
+constexpr bool SLOT_UP = TW_GATED && !TW_HSLOTS;  // slot entries carry g (take the up-projection)
 }  // namespace twf
 
 __device__ __forceinline__ void tw_named_barrier(int id, int nthreads) {
@@ -101,8 +108,10 @@ __device__ __forceinline__ void tw_axpy8(float (&acc)[8], float h, const uint4& 
   acc[7] = fmaf(h, tw_hi(w.w), acc[7]);
 }
 
-// Walk list[0, len): accumulate h_j * WdT[j] (slice) into acc. Warp-uniform; every warp of a team
-// calls it with the same list (same len), so named barriers match.
+// Walk list[0, len): accumulate h_j * WdT[j] (slice) into acc, where h_j = g_j * (x . Wu[j]) with UP
+// and the entry's value without. Warp-uniform; every warp of a team calls it with the same list
+// (same len), so named barriers match.
+template <bool UP>
 __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const uint4 (&xr)[twf::VPL],
                                            float (&acc)[twf::VPL][8], const tw_u16* __restrict__ w_up,
                                            const tw_u16* __restrict__ w_dt, int lane, int wt,
@@ -114,8 +123,8 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
     float h[G];
 #pragma unroll
     for (int b = 0; b < G; ++b) ent[b] = (p + b < len) ? list[p + b] : 0u;
-#if TW_GATED && TW_PREFETCH
     uint4 wd[G][VPL];
+    if constexpr (UP && TW_PREFETCH) {
 #pragma unroll
     for (int b = 0; b < G; ++b) {
       const uint4* wr = reinterpret_cast<const uint4*>(w_dt + (unsigned long long)(ent[b] & 0xFFFFu) * DM + wt * DS);
@@ -125,8 +134,8 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
         wd[b][i] = ((FULLV || v < NVS) && (b == 0 || p + b < len)) ? tw_ld16(wr + v, pol) : make_uint4(0u, 0u, 0u, 0u);
       }
     }
-#endif
-#if TW_GATED
+    }
+    if constexpr (UP) {
     float d[G];
 #pragma unroll
     for (int b = 0; b < G; ++b) {
@@ -162,17 +171,17 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
     }
 #pragma unroll
     for (int b = 0; b < G; ++b) h[b] = tw_to_float(ent[b] >> 16) * d[b];
-#else
+    } else {
 #pragma unroll
     for (int b = 0; b < G; ++b) h[b] = tw_to_float(ent[b] >> 16);
-#endif
-#if TW_GATED && TW_PREFETCH
+    }
+    if constexpr (UP && TW_PREFETCH) {
 #pragma unroll
     for (int b = 0; b < G; ++b) {
 #pragma unroll
       for (int i = 0; i < VPL; ++i) tw_axpy8(acc[i], h[b], wd[b][i]);  // h = 0 and zeros past len
     }
-#else
+    } else {
 #pragma unroll
     for (int b = 0; b < G; ++b) {
       if (b == 0 || p + b < len) {
@@ -184,7 +193,7 @@ __device__ __forceinline__ void tw_process(const tw_u32* list, int len, const ui
         }
       }
     }
-#endif
+    }
   }
   __syncwarp();
 }
@@ -274,7 +283,7 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
           const int incl = tw_warp_scan(cnt, lane);
           const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
           if (len + tot > LCAP) {
-            tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+            tw_process<TW_GATED>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
             len = 0;
           }
           int o = len + incl - cnt;
@@ -298,7 +307,7 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
       const int incl = tw_warp_scan(cn, lane);
       const int tot = __shfl_sync(TW_FULL_MASK, incl, 31);
       if (len + tot > LCAP) {
-        tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+        tw_process<SLOT_UP>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
         len = 0;
       }
       const int off = len + incl - cn;
@@ -314,15 +323,28 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
       len += tot;
       unsigned om = __ballot_sync(TW_FULL_MASK, ovf);
       __syncwarp();
+      const bool any_ovf = om != 0u;
+      if constexpr (TW_HSLOTS) {  // the list's h entries first: the dense row's entries carry g
+        if (any_ovf && len > 0) {
+          tw_process<false>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+          len = 0;
+        }
+      }
       while (om) {  // overflowing tiles: exact, from the dense row
         const int kk = k0 + __ffs(om) - 1;
         om &= om - 1;
         const int ce = (kk + 1) * T < d_ff ? (kk + 1) * T : d_ff;
         scan_dense(kk * T, ce);
       }
+      if constexpr (TW_HSLOTS) {
+        if (any_ovf && len > 0) {
+          tw_process<true>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+          len = 0;
+        }
+      }
     }
 #endif
-    if (len > 0) tw_process(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
+    if (len > 0) tw_process<(TW_SCAN ? (bool)TW_GATED : SLOT_UP)>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
     __syncwarp();  // the list is rewritten by the next token
 
     if (flags & 2) {

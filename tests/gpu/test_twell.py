@@ -73,13 +73,16 @@ def test_pack_matches_reference(dtype):
     assert ref.overflow[1].all() and not ref.overflow[2].any() and ref.overflow[3, 1] and ref.overflow[4, 0]
 
 
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("dtype,n,d_model,d_ff,tile,slots", [
+ADVERSARIAL_SHAPES = [
     (torch.bfloat16, 1000, 1024, 2816, 256, 32),
     (torch.float16, 127, 1024, 2816, 512, 8),
     (torch.bfloat16, 301, 1088, 2112, 256, 16),  # d_model, d_ff multiples of 64 only; partial last tile
-])
-def test_fused_adversarial_poisoned(gated, dtype, n, d_model, d_ff, tile, slots):
+]
+
+
+@pytest.mark.parametrize("gated,up_blocked", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("dtype,n,d_model,d_ff,tile,slots", ADVERSARIAL_SHAPES)
+def test_fused_adversarial_poisoned(gated, up_blocked, dtype, n, d_model, d_ff, tile, slots):
     seed = _seed()
     g = torch.Generator(device=DEV).manual_seed(seed)
     gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
@@ -88,7 +91,13 @@ def test_fused_adversarial_poisoned(gated, dtype, n, d_model, d_ff, tile, slots)
     w_down = (torch.randn(d_model, d_ff, generator=g, device=DEV) / d_ff**0.5).to(dtype)
     counts, packed, _ = twell.twell_pack(gate, tile, slots)
     y = torch.full((n, d_model), float("nan"), dtype=dtype, device=DEV)
-    twell.twell_ffn_packed(x, gate, counts, packed, w_up if gated else None, w_down.t().contiguous(), tile, out=y)
+    if up_blocked:  # h in the slots from the token-blocked kernel, overflowing tiles from the gate rows
+        config = twell.FusedConfig(up_blocked=1, up_tokens=100)  # blocks of 100: the last one partial
+        assert twell.up_blocked_supported(x.device, d_model, d_ff, tile, slots, config)
+        h_slots = twell.twell_up_blocked(x, counts, packed, w_up, tile, config=config)
+        twell.twell_ffn_packed(x, gate, counts, h_slots, w_up, w_down.t().contiguous(), tile, out=y, hslots=True)
+    else:
+        twell.twell_ffn_packed(x, gate, counts, packed, w_up if gated else None, w_down.t().contiguous(), tile, out=y)
     h = torch.relu(gate.float())
     if gated:
         h = h * (x.float() @ w_up.float().t())
@@ -99,6 +108,46 @@ def test_fused_adversarial_poisoned(gated, dtype, n, d_model, d_ff, tile, slots)
     assert err < 1e-2, f"seed {seed}: rel err {err}"
     row_err = (y.float() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-6)
     assert row_err[1:5].max().item() < 2e-2, f"seed {seed}: adversarial rows {row_err[1:5].tolist()}"
+
+
+def _h_of_slots(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit values in the upper halves of slot words, as float32."""
+    bits = (words >> 16) & 0xFFFF
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(dtype).float()
+
+
+@pytest.mark.parametrize("dtype,n,d_model,d_ff,tile,slots", ADVERSARIAL_SHAPES + [(torch.bfloat16, 700, 2048, 5632, 256, 32)])
+@pytest.mark.parametrize("up_tokens,pair_cap", [(256, 0), (77, 0), (256, -1)])  # -1: one token's slots a round
+def test_up_blocked_vs_fp32(dtype, n, d_model, d_ff, tile, slots, up_tokens, pair_cap):
+    """h = g * (x . Wu[j]) in every stored slot of a non-overflowing tile; every other slot untouched."""
+    seed = _seed()
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
+    x = torch.randn(n, d_model, generator=g, device=DEV).to(dtype)
+    w_up = (torch.randn(d_ff, d_model, generator=g, device=DEV) / d_model**0.5).to(dtype)
+    counts, packed, _ = twell.twell_pack(gate, tile, slots)
+    nt = tr.num_tiles(d_ff, tile)
+    config = twell.FusedConfig(up_blocked=1, up_tokens=up_tokens, up_pair_cap=nt * slots if pair_cap < 0 else pair_cap)
+    assert twell.up_blocked_supported(x.device, d_model, d_ff, tile, slots, config)
+    poison = torch.full_like(packed, 0x7FC07FC0)
+    out = twell.twell_up_blocked(x, counts, packed, w_up, tile, out=poison.clone(), config=config)
+    stored = torch.arange(slots, device=DEV).view(1, 1, slots) < counts.clamp_max(slots).unsqueeze(-1)
+    overflow = (counts > slots).unsqueeze(-1).expand_as(stored)
+    written = stored & ~overflow
+    assert torch.equal(out[~written], poison[~written]), f"seed {seed}: a slot outside the stored pairs was written"
+    assert torch.equal(out[written] & 0xFFFF, packed[written] & 0xFFFF), f"seed {seed}: columns changed"
+    token, tile_k, _ = written.nonzero(as_tuple=True)
+    unit = tile_k * tile + (packed[written] & 0xFFFF)
+    u = (x[token].float() * w_up[unit].float()).sum(-1)
+    h_ref = _h_of_slots(packed[written], dtype) * u
+    h = _h_of_slots(out[written], dtype)
+    assert torch.isfinite(h).all(), f"seed {seed}"
+    err = (h - h_ref).abs() / (h_ref.abs() + 1e-3 * h_ref.abs().max())
+    assert err.max().item() < 1e-2, f"seed {seed}: worst relative error of h {err.max().item()}"
+    # in place gives the same words
+    in_place = packed.clone()
+    twell.twell_up_blocked(x, counts, in_place, w_up, tile, out=in_place, config=config)
+    assert torch.equal(in_place[written], out[written]), f"seed {seed}"
 
 
 CASES = [  # d_model, d_ff, tokens, dtype, gated, tail, tile, slots
@@ -137,7 +186,9 @@ def test_scan_variant_and_configs():
         for cfg in [twell.FusedConfig(scan=1), twell.FusedConfig(slice_width=2048, group=1, regs=255),
                     twell.FusedConfig(slice_width=512, group=4, regs=96, hints=0),
                     twell.FusedConfig(group=2, regs=168, prefetch=0), twell.FusedConfig(passes=3, grid_fill=0.3),
-                    twell.FusedConfig(passes=2, scan=1, pack_unroll=8)]:
+                    twell.FusedConfig(passes=2, scan=1, pack_unroll=8), twell.FusedConfig(up_blocked=1),
+                    twell.FusedConfig(up_blocked=1, up_ahead=1, up_tokens=32),
+                    twell.FusedConfig(up_blocked=1, up_ahead=8, passes=2)]:
             twell.set_default_config(cfg)
             y = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
             assert rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
@@ -163,7 +214,7 @@ def test_lpt_order_and_passes():
 @pytest.mark.parametrize("lpt", [0, 1])
 def test_cuda_graph_capture_and_replay(lpt):
     seed = _seed()
-    twell.set_default_config(twell.FusedConfig(lpt=lpt, passes=2 if lpt else 0))
+    twell.set_default_config(twell.FusedConfig(lpt=lpt, passes=2 if lpt else 0, up_blocked=1 - lpt))
     try:
         _graph_check(seed, 1000)
     finally:

@@ -40,6 +40,18 @@ def test_hybrid_is_skipped_for_shapes_it_does_not_take():
         "twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "rope.cu", "cross_entropy.cu"}
 
 
+def test_opt_in_blocked_up_projection_is_warmed_when_enabled():
+    from sparse_llm.kernels import twell
+
+    twell.set_default_config(twell.FusedConfig(up_blocked=1))
+    try:
+        gated = {s for s, _ in warmup.kernel_variants(256, 1024, True, torch.bfloat16)}
+        plain = {s for s, _ in warmup.kernel_variants(256, 1024, False, torch.bfloat16)}
+    finally:
+        twell.set_default_config(None)
+    assert "twell_up.cu" in gated and "twell_up.cu" not in plain  # the gated FFN only
+
+
 def test_cubin_name_changes_with_sources_defines_and_arch(cache):
     base = loader.cubin_path("twell_pack.cu", "sm_90a", {"TW_TILE": 256})
     assert base != loader.cubin_path("twell_pack.cu", "sm_80", {"TW_TILE": 256})

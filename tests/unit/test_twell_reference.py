@@ -121,18 +121,21 @@ COMPILE_CASES = [(src, arch) for src in TWELL_SOURCES for arch in ("sm_90a", "sm
 def _variants(source):
     if source == "twell_pack.cu":
         return [twell.pack_defines(256, 32, torch.bfloat16), twell.pack_defines(512, 16, torch.float16)]
+    if source == "twell_up.cu":
+        return [twell.up_defines(2048, 256, 32, torch.bfloat16), twell.up_defines(1088, 512, 8, torch.float16)]
     if source == "twell_gate.cu":
         return [twell.gate_defines(32, torch.bfloat16), twell.gate_defines(8, torch.float16, stages=3, cluster=1),
                 twell.gate_defines(64, torch.bfloat16, cluster=4, write_all=True)]
-    return [twell.fused_defines(dm, 256, 32, gated, dt)
-            for dm, gated, dt in [(2048, True, torch.bfloat16), (4096, True, torch.bfloat16),
-                                  (1024, False, torch.float16), (1088, True, torch.bfloat16)]]
+    return [twell.fused_defines(dm, 256, 32, gated, dt, hslots=hslots)
+            for dm, gated, dt, hslots in [(2048, True, torch.bfloat16, False), (4096, True, torch.bfloat16, False),
+                                          (1024, False, torch.float16, False), (1088, True, torch.bfloat16, False),
+                                          (2048, True, torch.bfloat16, True), (1088, True, torch.float16, True)]]
 
 
 @_NVCC
 @pytest.mark.parametrize("source,arch", COMPILE_CASES)
 def test_nvcc_compiles(source, arch):
-    assert TWELL_SOURCES == ["twell_ffn.cu", "twell_gate.cu", "twell_pack.cu"]
+    assert TWELL_SOURCES == ["twell_ffn.cu", "twell_gate.cu", "twell_pack.cu", "twell_up.cu"]
     for defines in _variants(source):
         report = nvcc_compile_check(source, arch, defines)
         if arch == "sm_90a" and defines.get("TW_DMODEL", 2048) % 1024 == 0:
