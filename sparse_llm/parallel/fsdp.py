@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from sparse_llm.config import ParallelConfig
 
@@ -64,3 +64,13 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, p
     # after forward since the LM head runs last and backward needs them at once
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back in its sharded state. The last block and the root stay
+    unsharded after a forward (their backward comes first); a forward with no backward after it
+    leaves them so, and an in-place edit of their parameters would then change only the unsharded
+    copies, which the next backward discards. Edit parameters after calling this."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

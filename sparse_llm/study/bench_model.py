@@ -46,7 +46,9 @@ def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> 
     """Give every layer's gate about `mean_active` active units per token on `tokens`; returns the
     measured mean active units per layer."""
     from sparse_llm.model.ffn import FeedForward
+    from sparse_llm.parallel.fsdp import reshard
 
+    reshard(model)  # edits below must reach the sharded parameters (see `reshard`)
     _local(model.embed.weight)[:, 0] = 1.0  # every shard (rows of the vocabulary) holds column 0
     ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
     captured = {}
@@ -56,6 +58,7 @@ def calibrate_gate_sparsity(model, tokens: torch.Tensor, mean_active: float) -> 
         hook = ffn.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0].detach()))
         model(tokens)
         hook.remove()
+        reshard(model)
         x = captured["x"].reshape(-1, captured["x"].shape[-1]).float()
         weight = _full(ffn.gate.weight).float()
         rest = x[:, 1:] @ weight[:, 1:].T

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from sparse_llm.config import TrainConfig
 from sparse_llm.model.flops import flops_per_token
 from sparse_llm.parallel.distributed import World, all_reduce_sum
+from sparse_llm.parallel.fsdp import reshard
 from sparse_llm.sparsity.l1 import l1_coefficient
 from sparse_llm.sparsity.stats import SparsityStats
 from sparse_llm.train import checkpoint
@@ -278,6 +279,7 @@ class Trainer:
             sums[0] += parts.ce_sum
             sums[1] += targets.numel()
         self.model.train()
+        reshard(self.model)  # forwards with no backward leave the last block and the root unsharded
         all_reduce_sum(sums)
         if sums[1].item() == 0:
             return {}

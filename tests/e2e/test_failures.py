@@ -138,3 +138,20 @@ def test_the_logits_are_freed_before_the_backward(tmp_path, tiny_corpus, monkeyp
         trainer.logger.close()
         shutdown()
     assert alive_at_backward and not any(alive_at_backward)
+
+
+def test_callbacks_after_an_eval_step_see_sharded_parameters(tmp_path, tiny_corpus):
+    # the last block and the root stay unsharded after a forward; after evaluate() (forwards only)
+    # a callback editing weights in place (dead-unit re-init) would change copies the next backward
+    # drops, so evaluate() reshards
+    from torch.distributed.tensor import DTensor
+
+    seen = {}
+    trainer = build(tmp_path, tiny_corpus, "max_steps=2", "eval_interval=1", "eval_batches=1")
+    trainer.callbacks.append(AtStep(1, lambda t: seen.update(
+        weight=t.model.blocks[-1].ffn.gate.weight, embed=t.model.embed.weight)))
+    try:
+        trainer.fit()
+    finally:
+        shutdown()
+    assert isinstance(seen["weight"], DTensor) and isinstance(seen["embed"], DTensor)

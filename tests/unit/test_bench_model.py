@@ -36,6 +36,31 @@ def test_calibration_holds_for_compiled_blocks():
         assert active.shape == (4 * 64, 2048) and 19 < active.sum(1).float().mean().item() < 21
 
 
+def test_calibration_reaches_the_sharded_weights_under_fsdp():
+    # FSDP2 keeps the last block and the root unsharded after a forward with no backward; calibration
+    # edits made then changed only those copies, and the next backward dropped them (the last layer
+    # of every bench_model run went back to ~2700 active units)
+    from sparse_llm.config import ParallelConfig
+    from sparse_llm.parallel.distributed import init_distributed, shutdown
+    from sparse_llm.parallel.fsdp import apply_parallelism, build_mesh
+
+    cfg = ModelConfig(d_model=128, n_layers=3, n_heads=4, d_ff=2048, vocab_size=100, seq_len=64)
+    tokens = torch.randint(0, 100, (4, 64))
+    world = init_distributed("cpu")
+    try:
+        model = Transformer(cfg)
+        model.init_weights(seed=0)
+        parallel = ParallelConfig()
+        apply_parallelism(model, parallel, build_mesh(1, world.device, parallel), "fp32", world.device)
+        model(tokens)  # leaves the last block and the root unsharded
+        calibrate_gate_sparsity(model, tokens, mean_active=20)
+        model(tokens).logits.float().square().mean().backward()  # reshards everything
+        active = [stats.tile_counts.sum(1).float().mean().item() for stats in model(tokens).ffn_stats]
+    finally:
+        shutdown()
+    assert all(12 < a < 28 for a in active), active
+
+
 def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
     from sparse_llm.study.bench_model import _row_text
 
