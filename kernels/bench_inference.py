@@ -44,7 +44,6 @@ SWEEP = [  # the first is the default; each later one changes one or two knobs
     replace(_D, pack_unroll=2),
     replace(_D, scan=1),
     replace(_D, up_blocked=1),
-    replace(_D, up_blocked=1, up_ahead=2),
     replace(_D, up_blocked=1, up_tokens=128),
 ]
 

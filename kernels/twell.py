@@ -59,7 +59,6 @@ class FusedConfig:
     gate_sms: int = 0  # SMs the persistent twell_gate.cu grid may take (0: all)
     up_blocked: int = 0  # gated: token-blocked up-projection (twell_up.cu) first; slower on H100 so far (NOTES_twell v7)
     up_tokens: int = 256  # tokens per block of twell_up.cu (<= 256)
-    up_ahead: int = 4  # pairs between a Wu slice load and its use in twell_up.cu
     up_pair_cap: int = 0  # pairs a twell_up.cu block sorts at once (0: what the shared memory holds)
     up_l2_factor: float = 1.0  # use twell_up.cu while Wu's bytes <= factor x L2 size
 
@@ -193,7 +192,7 @@ def up_defines(d_model: int, tile: int, slots: int, dtype: torch.dtype,
                config: Optional[FusedConfig] = None) -> dict[str, int]:
     cfg = config or current_config()
     return dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_DTYPE=_dtype_code(dtype),
-                TU_TOKENS=cfg.up_tokens, TU_THREADS=UP_THREADS, TU_AHEAD=cfg.up_ahead)
+                TU_TOKENS=cfg.up_tokens, TU_THREADS=UP_THREADS)
 
 
 def _round4(n: int) -> int:
@@ -202,10 +201,11 @@ def _round4(n: int) -> int:
 
 def up_shared_bytes(d_model: int, d_ff: int, tile: int, tokens: int, pair_cap: int) -> int:
     """Dynamic shared memory of twell_up.cu: the staged x slice (128 columns, or 64 where d_model is
-    not a multiple of 128), row and token prefix sums, the unit histogram, and 8 bytes a pair."""
+    not a multiple of 128, rows padded by 64 bytes), row and token prefix sums, the unit histogram,
+    and 8 bytes a pair."""
     cols = 128 if d_model % 128 == 0 else 64
     nt = num_tiles(d_ff, tile)
-    return tokens * cols * 2 + 4 * (_round4(tokens * nt + 1) + _round4(tokens + 1) + _round4(d_ff + 1)) + 8 * pair_cap
+    return tokens * (cols * 2 + 64) + 4 * (_round4(tokens * nt + 1) + _round4(tokens + 1) + _round4(d_ff + 1)) + 8 * pair_cap
 
 
 def _shared_optin(device: torch.device) -> int:
@@ -218,7 +218,7 @@ def _shared_optin(device: torch.device) -> int:
 def up_pair_capacity(device: torch.device, d_model: int, d_ff: int, tile: int, config: Optional[FusedConfig] = None) -> int:
     """Pairs a twell_up.cu block sorts at once: the config's cap, else what the shared memory holds."""
     cfg = config or current_config()
-    room = (_shared_optin(device) - 1024 - up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, 0)) // 8
+    room = (_shared_optin(device) - 2048 - up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, 0)) // 8
     return min(room, cfg.up_pair_cap) if cfg.up_pair_cap > 0 else room
 
 

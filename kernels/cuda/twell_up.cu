@@ -16,9 +16,13 @@
 //     read (16-byte loads, a thread per row) into a raw list, with a histogram over the units
 //  2. the histogram's scan places every pair in unit order (key = unit << 16 | token << 8 | slot)
 //  3. for each slice of 128 d_model columns: the sub-round's x rows are staged in shared memory;
-//     8-lane groups walk equal, contiguous ranges of the sorted pairs, TU_AHEAD pairs a batch, and
-//     load a unit's Wu slice only where the unit changes, one batch ahead of its use; the slice's
-//     partial dot product is added to the pair's float32 sum
+//     each warp takes tiles of 16 consecutive pairs and computes, on the tensor cores (mma.sync
+//     m16n8k16, float32 accumulation), the 16 x 16 products of the pairs' x rows with the tile's
+//     distinct units' Wu slices (one or two 8-column halves), of which it keeps the 16 that are
+//     pairs; a unit's Wu slice is thus loaded once per tile (once per block when its pairs share a
+//     tile), and the next tile's slices load while this tile runs. The k order inside a 16-column
+//     step is permuted the same way for x and Wu (lane q takes 8 consecutive columns), so both are
+//     plain 16-byte loads.
 //  4. h = g * u is written back per pair.
 // The overflowing tiles are not touched: the fused stage computes them from the dense gate rows.
 #include "twell_common.cuh"
@@ -32,28 +36,23 @@
 #ifndef TU_THREADS
 #define TU_THREADS 512
 #endif
-#ifndef TU_AHEAD
-#define TU_AHEAD 4  // pairs a batch (a batch's Wu slices load while the previous batch runs)
-#endif
 
 namespace twu {
 constexpr int DM = TW_DMODEL;
-constexpr int VPL = (DM % 128 == 0) ? 2 : 1;  // 16-byte vectors per lane per slice
-constexpr int COLS = 64 * VPL;                // d_model columns per slice: 8 lanes x VPL x 8
-constexpr int VROW = COLS / 8;                // 16-byte vectors in a staged x row
+constexpr int COLS = (DM % 128 == 0) ? 128 : 64;  // d_model columns per slice
+constexpr int DKS = COLS / 32;                    // 32-column steps (two mma k-steps) per slice
+constexpr int VROW = COLS / 8;                    // 16-byte vectors in a staged x row
+constexpr int XROW = VROW + 4;                    // row stride (padded 64 bytes: fewer bank conflicts)
 constexpr int NSLICE = DM / COLS;
 constexpr int B = TU_TOKENS;
 constexpr int NT = TU_THREADS;
 constexpr int WARPS = NT / 32;
-constexpr int GROUPS = NT / 8;
-constexpr int A = TU_AHEAD;
 constexpr int S = TW_SLOTS;
 constexpr int T = TW_TILE;
 static_assert(DM % 64 == 0, "d_model must be a multiple of 64");
 static_assert(B >= 1 && B <= 256, "a token's index in its block travels in 8 bits");
 static_assert(S % 4 == 0 && S <= 256, "slots are read 4 at a time and travel in 8 bits");
 static_assert(NT % 32 == 0 && NT >= 64 && NT <= 1024, "TU_THREADS must be whole warps");
-static_assert(A >= 1 && A <= 8, "TU_AHEAD in [1, 8]");
 }  // namespace twu
 
 // In-place exclusive scan of a[0, n) over the CTA; returns the total. All threads call it.
@@ -86,20 +85,69 @@ __device__ int tu_block_scan(int* a, int n, int* warp_sums) {
   return total;
 }
 
-__device__ __forceinline__ float tu_dot8(const uint4& a, const uint4& b) {
-  float s = tw_lo(a.x) * tw_lo(b.x);
-  float r = tw_hi(a.x) * tw_hi(b.x);
-  s = fmaf(tw_lo(a.y), tw_lo(b.y), s);
-  r = fmaf(tw_hi(a.y), tw_hi(b.y), r);
-  s = fmaf(tw_lo(a.z), tw_lo(b.z), s);
-  r = fmaf(tw_hi(a.z), tw_hi(b.z), r);
-  s = fmaf(tw_lo(a.w), tw_lo(b.w), s);
-  r = fmaf(tw_hi(a.w), tw_hi(b.w), r);
-  return s + r;
+// d += A B for one m16n8k16 step (A 16 x 16 row-major, B 16 x 8 "col": the units' rows), fp32.
+__device__ __forceinline__ void tu_mma(float (&d)[4], tw_u32 a0, tw_u32 a1, tw_u32 a2, tw_u32 a3, tw_u32 b0,
+                                       tw_u32 b1) {
+#if TW_DTYPE == 0
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+#else
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+#endif
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A tile of 16 consecutive sorted pairs, as lane (g = lane / 4, q = lane % 4) needs it: the token
+// rows and columns of tile rows g and g + 8, and the units of columns g and g + 8.
+struct TuTile {
+  int row[2];   // x row (token in the sub-round) of tile rows g, g + 8
+  int col[2];   // column (distinct unit) of tile rows g, g + 8; -1 past the pairs
+  int unit[2];  // unit of columns g, g + 8; -1 past the tile's columns
+  int ncols;
+};
+
+__device__ __forceinline__ TuTile tu_tile(const tw_u32* keys, int npairs, int tile, int lane, int* col_unit) {
+  const int l16 = lane & 15, g = lane >> 2;
+  const int p = 16 * tile + l16;
+  const tw_u32 key = keys[min(p, npairs - 1)];  // past the pairs: the last pair again (not a new column)
+  const int unit = (int)(key >> 16);
+  const int prev = __shfl_up_sync(TW_FULL_MASK, unit, 1, 16);
+  const unsigned starts = __ballot_sync(TW_FULL_MASK, l16 == 0 || unit != prev) & 0xFFFFu;
+  const int col = __popc(starts & ((2u << l16) - 1u)) - 1;
+  __syncwarp();
+  if (lane < 16 && ((starts >> l16) & 1u)) col_unit[col] = unit;
+  __syncwarp();
+  TuTile t;
+  t.ncols = __popc(starts);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int src = g + 8 * r;
+    t.row[r] = __shfl_sync(TW_FULL_MASK, (int)((key >> 8) & 0xFFu), src);
+    const int c = __shfl_sync(TW_FULL_MASK, col, src);
+    t.col[r] = 16 * tile + src < npairs ? c : -1;
+    t.unit[r] = src < t.ncols ? col_unit[src] : -1;
+  }
+  return t;
+}
+
+// Lane (g, q)'s 16-byte pieces of the Wu slices of columns g and g + 8: columns sl * COLS + 32 s + 8 q.
+__device__ __forceinline__ void tu_load_b(uint4 (&b)[2][twu::DKS], const TuTile& t, const tw_u16* __restrict__ w_up,
+                                          int sl, int q, tw_u64 pol) {
+  using namespace twu;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int s = 0; s < DKS; ++s)
+      b[h][s] = t.unit[h] >= 0
+          ? tw_ld16(w_up + (size_t)t.unit[h] * DM + sl * COLS + 32 * s + 8 * q, pol)
+          : make_uint4(0u, 0u, 0u, 0u);
+  }
 }
 
 // Shared memory (dynamic, 16-byte aligned pieces), sizes as twell.py's up_shared_bytes:
-//   xs [B][VROW] uint4 | rows [B * nt + 1] int | tok [B + 1] int | hist [d_ff + 1] int |
+//   xs [B][XROW] uint4 | rows [B * nt + 1] int | tok [B + 1] int | hist [d_ff + 1] int |
 //   keys [pair_cap] u32 | vals [pair_cap] (the raw list, then the float32 sums)
 __device__ __forceinline__ int tu_round4(int n) { return (n + 3) & ~3; }
 
@@ -113,6 +161,7 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
   using namespace twu;
   extern __shared__ uint4 smem[];
   __shared__ int s_warp[WARPS];
+  __shared__ int s_col_unit[WARPS][16];
   __shared__ int s_round[2];  // sub-round: last token (exclusive), pair count
 
   const int nt = (d_ff + T - 1) / T;
@@ -122,7 +171,7 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
   if (nb <= 0) return;
 
   uint4* xs = smem;
-  int* rows = reinterpret_cast<int*>(xs + B * VROW);
+  int* rows = reinterpret_cast<int*>(xs + B * XROW);
   int* tok = rows + tu_round4(B * nt + 1);
   int* hist = tok + tu_round4(B + 1);
   tw_u32* keys = reinterpret_cast<tw_u32*>(hist + tu_round4(d_ff + 1));
@@ -186,17 +235,17 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
     __syncthreads();
     for (int p = tid; p < npairs; p += NT) sums[p] = 0.f;
 
-    // 3. partial dot products, one d_model slice at a time
-    const int group = tid >> 3, gl = tid & 7;
-    const unsigned gmask = 0xFFu << (lane & 24);
-    const int p0 = (int)((long long)npairs * group / GROUPS), p1 = (int)((long long)npairs * (group + 1) / GROUPS);
+    // 3. partial dot products on the tensor cores, one d_model slice at a time
+    const int warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int ntiles = (npairs + 15) >> 4;
     const int nbr = b_hi - b_lo;
+    int* col_unit = s_col_unit[warp];
 #pragma unroll 1
     for (int sl = 0; sl < NSLICE; ++sl) {
       __syncthreads();  // the previous slice's x rows are consumed (and the sums zeroed)
       for (int i = tid; i < nbr * VROW; i += NT) {
         const int b = i / VROW, v = i - b * VROW;
-        xs[b * VROW + v] = tw_ld16(x + (t0 + b_lo + b) * DM + sl * COLS + v * 8, pol_stream);
+        xs[b * XROW + v] = tw_ld16(x + (t0 + b_lo + b) * DM + sl * COLS + v * 8, pol_stream);
       }
       __syncthreads();
       if (sl + 1 < NSLICE) {  // the next slice's rows on their way to L2 while this one is used
@@ -206,62 +255,46 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
           asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
         }
       }
-      // Batches of A pairs: the Wu slices of a batch's pairs were loaded while the previous batch
-      // ran (only for a unit's first pair; the others copy the previous pair's registers), and the
-      // A dot products and reductions are independent, so their latencies overlap.
-      const tw_u16* wslice = w_up + sl * COLS + gl * 8;
-      uint4 ring[A][VPL], w[A][VPL];
-#pragma unroll
-      for (int i = 0; i < A; ++i) {
-        const int q = p0 + i;
-        const bool load = q < p1 && (q == p0 || (keys[q] >> 16) != (keys[q - 1] >> 16));
-#pragma unroll
-        for (int v = 0; v < VPL; ++v) {
-          ring[i][v] = load ? tw_ld16(wslice + (size_t)(keys[q] >> 16) * DM + v * 64, pol_keep) : make_uint4(0u, 0u, 0u, 0u);
-          w[i][v] = make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-      tw_u32 ucur = 0xFFFFFFFFu;
+      if (warp >= ntiles) continue;
+      TuTile cur = tu_tile(keys, npairs, warp, lane, col_unit);
+      uint4 bcur[2][DKS];
+      tu_load_b(bcur, cur, w_up, sl, q, pol_keep);
 #pragma unroll 1
-      for (int pb = p0; pb < p1; pb += A) {  // uniform within the 8-lane group
-        tw_u32 key[A];
-#pragma unroll
-        for (int i = 0; i < A; ++i) key[i] = keys[min(pb + i, p1 - 1)];  // past p1: repeats, not stored
-#pragma unroll
-        for (int i = 0; i < A; ++i) {
-          const bool first = (key[i] >> 16) != (i == 0 ? ucur : key[i - 1] >> 16);
-#pragma unroll
-          for (int v = 0; v < VPL; ++v) w[i][v] = first ? ring[i][v] : w[(i + A - 1) % A][v];
+      for (int tile = warp; tile < ntiles; tile += WARPS) {
+        TuTile nxt = cur;
+        uint4 bnxt[2][DKS];
+        if (tile + WARPS < ntiles) {  // the next tile's Wu slices load while this one runs
+          nxt = tu_tile(keys, npairs, tile + WARPS, lane, col_unit);
+          tu_load_b(bnxt, nxt, w_up, sl, q, pol_keep);
         }
-        ucur = key[A - 1] >> 16;
+        float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        const uint4* xa = xs + cur.row[0] * XROW + q;
+        const uint4* xb = xs + cur.row[1] * XROW + q;
 #pragma unroll
-        for (int i = 0; i < A; ++i) {  // the next batch's loads
-          const int q = pb + A + i;
-          if (q < p1) {
-            const tw_u32 uq = keys[q] >> 16;
-            if (uq != (keys[q - 1] >> 16)) {
-#pragma unroll
-              for (int v = 0; v < VPL; ++v) ring[i][v] = tw_ld16(wslice + (size_t)uq * DM + v * 64, pol_keep);
-            }
+        for (int s = 0; s < DKS; ++s) {
+          const uint4 a = xa[4 * s], c = xb[4 * s];
+          tu_mma(d[0], a.x, c.x, a.y, c.y, bcur[0][s].x, bcur[0][s].y);
+          tu_mma(d[0], a.z, c.z, a.w, c.w, bcur[0][s].z, bcur[0][s].w);
+          if (cur.ncols > 8) {
+            tu_mma(d[1], a.x, c.x, a.y, c.y, bcur[1][s].x, bcur[1][s].y);
+            tu_mma(d[1], a.z, c.z, a.w, c.w, bcur[1][s].z, bcur[1][s].w);
           }
         }
-        float d[A];
+        // D[row][col] sits in lane (row % 8, (col % 8) / 2), element 2 (row / 8) + col % 2 of half col / 8
 #pragma unroll
-        for (int i = 0; i < A; ++i) {
-          const uint4* xr = xs + ((key[i] >> 8) & 0xFFu) * VROW + gl;
-          d[i] = 0.f;
-#pragma unroll
-          for (int v = 0; v < VPL; ++v) d[i] += tu_dot8(xr[v * 8], w[i][v]);
+        for (int r = 0; r < 2; ++r) {
+          const int col = cur.col[r];
+          if (col >= 0 && ((col & 7) >> 1) == q) {
+            const float lo = (col & 1) ? d[0][2 * r + 1] : d[0][2 * r];
+            const float hi = (col & 1) ? d[1][2 * r + 1] : d[1][2 * r];
+            sums[16 * tile + g + 8 * r] += (col >> 3) ? hi : lo;
+          }
         }
+        cur = nxt;
 #pragma unroll
-        for (int o = 1; o < 8; o <<= 1) {
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int i = 0; i < A; ++i) d[i] += __shfl_xor_sync(gmask, d[i], o);
-        }
-        if (gl == 0) {
-#pragma unroll
-          for (int i = 0; i < A; ++i)
-            if (pb + i < p1) sums[pb + i] += d[i];
+          for (int s = 0; s < DKS; ++s) bcur[h][s] = bnxt[h][s];
         }
       }
     }

@@ -38,9 +38,9 @@ for level in levels:
             t_up = bench(lambda: twell.twell_up_blocked(x, counts, packed, wu, out=h_slots, config=cfg)) if on else float("nan")
             res.setdefault(on, []).append((t_all, t_sparse, t_up, err))
     twell.set_default_config(None)
-    ahead = {a: bench(lambda: twell.twell_up_blocked(x, counts, packed, wu, out=h_slots, config=replace(base, up_blocked=1, up_ahead=a)))
-             for a in (2, 4, 6)}
-    print(f"  up kernel alone by up_ahead: {ahead}", flush=True)
+    by_tokens = {b: bench(lambda: twell.twell_up_blocked(x, counts, packed, wu, out=h_slots, config=replace(base, up_blocked=1, up_tokens=b)))
+                 for b in (128, 192, 256)}
+    print(f"  up kernel alone by up_tokens: {by_tokens}", flush=True)
     t_dense = bench(lambda: ffn_reference(x, wg, wu, wd))
     med = {on: [sorted(r[i] for r in rows)[1] for i in range(4)] for on, rows in res.items()}
     print(f"{d_model}x{d_ff} {tokens} tok, mean active {abs(level):.0f}{' heavy' if tail else ''}: dense {t_dense:.2f} ms | "
