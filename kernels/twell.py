@@ -183,7 +183,7 @@ def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch
 
 # ---------------------------------------------------------------------------------------------
 # Token-blocked up-projection (twell_up.cu)
-UP_THREADS = 512
+UP_THREADS = 384
 UP_MAX_D_FF = 16384  # its unit histogram lives in shared memory
 _UP_MIN_PAIR_CAP = 1024
 
@@ -201,11 +201,12 @@ def _round4(n: int) -> int:
 
 def up_shared_bytes(d_model: int, d_ff: int, tile: int, tokens: int, pair_cap: int) -> int:
     """Dynamic shared memory of twell_up.cu: the staged x slice (128 columns, or 64 where d_model is
-    not a multiple of 128, rows padded by 64 bytes), row and token prefix sums, the unit histogram,
-    and 8 bytes a pair."""
+    not a multiple of 128), row and token prefix sums, the unit histogram, 8 bytes a pair (key and
+    sum), 2 bytes (its sorted position) and an 80-byte record a tile of 16 pairs."""
     cols = 128 if d_model % 128 == 0 else 64
     nt = num_tiles(d_ff, tile)
-    return tokens * (cols * 2 + 64) + 4 * (_round4(tokens * nt + 1) + _round4(tokens + 1) + _round4(d_ff + 1)) + 8 * pair_cap
+    return (tokens * cols * 2 + 4 * (_round4(tokens * nt + 1) + _round4(tokens + 1) + _round4(d_ff + 1))
+            + 10 * pair_cap + 80 * -(-pair_cap // 16))
 
 
 def _shared_optin(device: torch.device) -> int:
@@ -218,7 +219,7 @@ def _shared_optin(device: torch.device) -> int:
 def up_pair_capacity(device: torch.device, d_model: int, d_ff: int, tile: int, config: Optional[FusedConfig] = None) -> int:
     """Pairs a twell_up.cu block sorts at once: the config's cap, else what the shared memory holds."""
     cfg = config or current_config()
-    room = (_shared_optin(device) - 2048 - up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, 0)) // 8
+    room = (_shared_optin(device) - 2048 - up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, 0)) // 15 // 16 * 16
     return min(room, cfg.up_pair_cap) if cfg.up_pair_cap > 0 else room
 
 

@@ -23,7 +23,7 @@
 //     tile), and the next tile's slices load while this tile runs. The k order inside a 16-column
 //     step is permuted the same way for x and Wu (lane q takes 8 consecutive columns), so both are
 //     plain 16-byte loads.
-//  4. h = g * u is written back per pair.
+//  4. h = g * u is written back row by row (each pair's sum found through its sorted position).
 // The overflowing tiles are not touched: the fused stage computes them from the dense gate rows.
 #include "twell_common.cuh"
 
@@ -34,15 +34,15 @@
 #define TU_TOKENS 256  // tokens per block
 #endif
 #ifndef TU_THREADS
-#define TU_THREADS 512
+#define TU_THREADS 384
 #endif
+
 
 namespace twu {
 constexpr int DM = TW_DMODEL;
 constexpr int COLS = (DM % 128 == 0) ? 128 : 64;  // d_model columns per slice
 constexpr int DKS = COLS / 32;                    // 32-column steps (two mma k-steps) per slice
 constexpr int VROW = COLS / 8;                    // 16-byte vectors in a staged x row
-constexpr int XROW = VROW + 4;                    // row stride (padded 64 bytes: fewer bank conflicts)
 constexpr int NSLICE = DM / COLS;
 constexpr int B = TU_TOKENS;
 constexpr int NT = TU_THREADS;
@@ -99,56 +99,107 @@ __device__ __forceinline__ void tu_mma(float (&d)[4], tw_u32 a0, tw_u32 a1, tw_u
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// A tile of 16 consecutive sorted pairs, as lane (g = lane / 4, q = lane % 4) needs it: the token
-// rows and columns of tile rows g and g + 8, and the units of columns g and g + 8.
-struct TuTile {
-  int row[2];   // x row (token in the sub-round) of tile rows g, g + 8
-  int col[2];   // column (distinct unit) of tile rows g, g + 8; -1 past the pairs
-  int unit[2];  // unit of columns g, g + 8; -1 past the tile's columns
+// A tile: 16 consecutive sorted pairs (its rows) and their distinct units (its columns, at most 16).
+// Built once per sub-round into shared memory (TuRecord), read by every slice's pass.
+struct TuRecord {
+  unsigned char row[16];   // the pair's x row (token in the sub-round)
+  unsigned char col[16];   // the pair's column; 0xFF past the pairs
+  unsigned short unit[16]; // the column's unit (ncols of them)
   int ncols;
+  int pad[3];
 };
+static_assert(sizeof(TuRecord) == 80, "twell.py's up_shared_bytes counts 80 bytes a tile");
 
-__device__ __forceinline__ TuTile tu_tile(const tw_u32* keys, int npairs, int tile, int lane, int* col_unit) {
-  const int l16 = lane & 15, g = lane >> 2;
+__device__ __forceinline__ void tu_build_record(TuRecord* rec, const tw_u32* keys, int npairs, int tile, int lane) {
+  const int l16 = lane & 15;
   const int p = 16 * tile + l16;
   const tw_u32 key = keys[min(p, npairs - 1)];  // past the pairs: the last pair again (not a new column)
   const int unit = (int)(key >> 16);
   const int prev = __shfl_up_sync(TW_FULL_MASK, unit, 1, 16);
   const unsigned starts = __ballot_sync(TW_FULL_MASK, l16 == 0 || unit != prev) & 0xFFFFu;
   const int col = __popc(starts & ((2u << l16) - 1u)) - 1;
-  __syncwarp();
-  if (lane < 16 && ((starts >> l16) & 1u)) col_unit[col] = unit;
-  __syncwarp();
-  TuTile t;
-  t.ncols = __popc(starts);
+  const int ncols = __popc(starts);
+  if (lane < 16) {
+    rec->row[l16] = (unsigned char)((key >> 8) & 0xFFu);
+    rec->col[l16] = p < npairs ? (unsigned char)col : (unsigned char)0xFFu;
+    if ((starts >> l16) & 1u) rec->unit[col] = (unsigned short)unit;
+    if (l16 == 15) rec->ncols = ncols;
+  }
+}
+
+// What lane (g = lane / 4, q = lane % 4) needs of a tile: tile rows g and g + 8, columns g and g + 8.
+struct TuLane {
+  int row[2], col[2], unit[2];
+  bool two_halves;  // more than 8 columns
+};
+
+__device__ __forceinline__ TuLane tu_lane(const TuRecord* rec, int g) {
+  TuLane t;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int src = g + 8 * r;
-    t.row[r] = __shfl_sync(TW_FULL_MASK, (int)((key >> 8) & 0xFFu), src);
-    const int c = __shfl_sync(TW_FULL_MASK, col, src);
-    t.col[r] = 16 * tile + src < npairs ? c : -1;
-    t.unit[r] = src < t.ncols ? col_unit[src] : -1;
+    t.row[r] = rec->row[g + 8 * r];
+    const int c = rec->col[g + 8 * r];
+    t.col[r] = c == 0xFF ? -1 : c;
+    t.unit[r] = g + 8 * r < rec->ncols ? (int)rec->unit[g + 8 * r] : -1;
   }
+  t.two_halves = rec->ncols > 8;
   return t;
 }
 
 // Lane (g, q)'s 16-byte pieces of the Wu slices of columns g and g + 8: columns sl * COLS + 32 s + 8 q.
-__device__ __forceinline__ void tu_load_b(uint4 (&b)[2][twu::DKS], const TuTile& t, const tw_u16* __restrict__ w_up,
+// Columns past the tile's are not loaded (their products are never read).
+__device__ __forceinline__ void tu_load_b(uint4 (&b)[2][twu::DKS], const TuLane& t, const tw_u16* __restrict__ w_up,
                                           int sl, int q, tw_u64 pol) {
   using namespace twu;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
+    if (h == 1 && !t.two_halves) break;  // uniform over the warp
+    if (t.unit[h] < 0) continue;
+    const tw_u16* src = w_up + (size_t)t.unit[h] * DM + sl * COLS + 8 * q;
 #pragma unroll
-    for (int s = 0; s < DKS; ++s)
-      b[h][s] = t.unit[h] >= 0
-          ? tw_ld16(w_up + (size_t)t.unit[h] * DM + sl * COLS + 32 * s + 8 * q, pol)
-          : make_uint4(0u, 0u, 0u, 0u);
+    for (int s = 0; s < DKS; ++s) b[h][s] = tw_ld16(src + 32 * s, pol);
+  }
+}
+
+// x chunk v of sub-round row r sits at chunk v ^ tu_swz(r) of its shared-memory row: two random rows
+// read by one 8-lane phase then fall in different bank halves whenever their parities differ.
+__device__ __forceinline__ int tu_swz(int row) { return (row & 1) << 2; }
+
+// The tile's products for one slice, the pairs' entries added to their float32 sums.
+__device__ __forceinline__ void tu_tile_products(const TuLane& t, const uint4 (&b)[2][twu::DKS], const uint4* xs,
+                                                 float* sums, int tile, int g, int q) {
+  using namespace twu;
+  float d[2][2][4] = {};  // [half][k-step of the 32-column step][fragment]: two independent chains a half
+  const uint4* xa = xs + t.row[0] * VROW;
+  const uint4* xb = xs + t.row[1] * VROW;
+  const int sa = tu_swz(t.row[0]), sb = tu_swz(t.row[1]);
+#pragma unroll
+  for (int s = 0; s < DKS; ++s) {
+    const uint4 a = xa[(4 * s + q) ^ sa], c = xb[(4 * s + q) ^ sb];
+    tu_mma(d[0][0], a.x, c.x, a.y, c.y, b[0][s].x, b[0][s].y);
+    tu_mma(d[0][1], a.z, c.z, a.w, c.w, b[0][s].z, b[0][s].w);
+    if (t.two_halves) {
+      tu_mma(d[1][0], a.x, c.x, a.y, c.y, b[1][s].x, b[1][s].y);
+      tu_mma(d[1][1], a.z, c.z, a.w, c.w, b[1][s].z, b[1][s].w);
+    }
+  }
+  // D[row][col] sits in lane (row % 8, (col % 8) / 2), element 2 (row / 8) + col % 2 of half col / 8
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int col = t.col[r];
+    if (col >= 0 && ((col & 7) >> 1) == q) {
+      const int e = 2 * r;
+      const float lo = (col & 1) ? d[0][0][e + 1] + d[0][1][e + 1] : d[0][0][e] + d[0][1][e];
+      const float hi = (col & 1) ? d[1][0][e + 1] + d[1][1][e + 1] : d[1][0][e] + d[1][1][e];
+      sums[16 * tile + g + 8 * r] += (col >> 3) ? hi : lo;
+    }
   }
 }
 
 // Shared memory (dynamic, 16-byte aligned pieces), sizes as twell.py's up_shared_bytes:
-//   xs [B][XROW] uint4 | rows [B * nt + 1] int | tok [B + 1] int | hist [d_ff + 1] int |
-//   keys [pair_cap] u32 | vals [pair_cap] (the raw list, then the float32 sums)
+//   xs [B][VROW] uint4 | rows [B * nt + 1] int | tok [B + 1] int | hist [d_ff + 1] int |
+//   keys [pair_cap] u32 | vals [pair_cap] (the raw list, then the float32 sums) | records [pair_cap / 16] |
+//   sorted_at [pair_cap] u16
 __device__ __forceinline__ int tu_round4(int n) { return (n + 3) & ~3; }
 
 extern "C" __global__ void __launch_bounds__(TU_THREADS, 1)
@@ -161,7 +212,6 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
   using namespace twu;
   extern __shared__ uint4 smem[];
   __shared__ int s_warp[WARPS];
-  __shared__ int s_col_unit[WARPS][16];
   __shared__ int s_round[2];  // sub-round: last token (exclusive), pair count
 
   const int nt = (d_ff + T - 1) / T;
@@ -171,12 +221,14 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
   if (nb <= 0) return;
 
   uint4* xs = smem;
-  int* rows = reinterpret_cast<int*>(xs + B * XROW);
+  int* rows = reinterpret_cast<int*>(xs + B * VROW);
   int* tok = rows + tu_round4(B * nt + 1);
   int* hist = tok + tu_round4(B + 1);
   tw_u32* keys = reinterpret_cast<tw_u32*>(hist + tu_round4(d_ff + 1));
   tw_u32* raw = keys + pair_cap;
   float* sums = reinterpret_cast<float*>(raw);
+  TuRecord* records = reinterpret_cast<TuRecord*>(raw + pair_cap);
+  unsigned short* sorted_at = reinterpret_cast<unsigned short*>(records + (pair_cap + 15) / 16);  // raw -> sorted
   const tw_u64 pol_keep = tw_policy_keep();
   const tw_u64 pol_stream = tw_policy_stream();
 
@@ -196,10 +248,13 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
 
   for (int b_lo = 0; b_lo < nb;) {
     if (tid == 0) {  // as many tokens as the pair capacity holds (one token's nt * S always fits)
-      int b_hi = b_lo + 1;
-      while (b_hi < nb && tok[b_hi + 1] - tok[b_lo] <= pair_cap) ++b_hi;
-      s_round[0] = b_hi;
-      s_round[1] = tok[b_hi] - tok[b_lo];
+      int lo = b_lo + 1, hi = nb;  // the last b_hi with tok[b_hi] - tok[b_lo] <= pair_cap (tok ascends)
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tok[mid] - tok[b_lo] <= pair_cap) lo = mid; else hi = mid - 1;
+      }
+      s_round[0] = lo;
+      s_round[1] = tok[lo] - tok[b_lo];
     }
     for (int u = tid; u <= d_ff; u += NT) hist[u] = 0;
     __syncthreads();
@@ -208,20 +263,31 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
 
     // 1. raw list in row order, histogram over the units. rows[] of this sub-round become starts.
     tu_block_scan(rows + r_lo, r_hi - r_lo, s_warp);  // rows past r_hi keep their counts
-    for (int r = r_lo + tid; r < r_hi; r += NT) {
-      const int start = rows[r], c = (r + 1 < r_hi ? rows[r + 1] : npairs) - start;
-      if (c == 0) continue;
-      const int b = r / nt, k = r - b * nt;
-      const uint4* sp = reinterpret_cast<const uint4*>(slots + ((unsigned long long)t0 * nt + r) * S);
-      for (int v = 0; v * 4 < c; ++v) {
-        const uint4 w = tw_ld16(sp + v, pol_stream);
+    for (int r0 = r_lo + tid; r0 < r_hi; r0 += 4 * NT) {  // 4 rows a thread at a time: first loads together
+      int start[4], c[4];
+      uint4 first[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int s = 4 * v + e;
-          if (s < c) {
-            const int unit = k * T + (int)(tw_word(w, e) & 0xFFFFu);
-            raw[start + s] = ((tw_u32)unit << 16) | ((tw_u32)(b - b_lo) << 8) | (tw_u32)s;
-            atomicAdd(hist + unit, 1);
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + i * NT;
+        start[i] = r < r_hi ? rows[r] : 0;
+        c[i] = r < r_hi ? (r + 1 < r_hi ? rows[r + 1] : npairs) - start[i] : 0;
+        first[i] = c[i] > 0 ? tw_ld16(slots + ((unsigned long long)t0 * nt + r) * S, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (c[i] == 0) continue;
+        const int r = r0 + i * NT, b = r / nt, k = r - b * nt;
+        const uint4* sp = reinterpret_cast<const uint4*>(slots + ((unsigned long long)t0 * nt + r) * S);
+        for (int v = 0; v * 4 < c[i]; ++v) {
+          const uint4 w = v == 0 ? first[i] : tw_ld16(sp + v, pol_stream);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int slot = 4 * v + e;
+            if (slot < c[i]) {
+              const int unit = k * T + (int)(tw_word(w, e) & 0xFFFFu);
+              raw[start[i] + slot] = ((tw_u32)unit << 16) | ((tw_u32)(b - b_lo) << 8) | (tw_u32)slot;
+              atomicAdd(hist + unit, 1);
+            }
           }
         }
       }
@@ -230,7 +296,9 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
     tu_block_scan(hist, d_ff + 1, s_warp);
     for (int p = tid; p < npairs; p += NT) {
       const tw_u32 key = raw[p];
-      keys[atomicAdd(hist + (key >> 16), 1)] = key;
+      const int pos = atomicAdd(hist + (key >> 16), 1);
+      keys[pos] = key;
+      sorted_at[p] = (unsigned short)pos;
     }
     __syncthreads();
     for (int p = tid; p < npairs; p += NT) sums[p] = 0.f;
@@ -239,13 +307,13 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
     const int warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const int ntiles = (npairs + 15) >> 4;
     const int nbr = b_hi - b_lo;
-    int* col_unit = s_col_unit[warp];
+    for (int tile = warp; tile < ntiles; tile += WARPS) tu_build_record(records + tile, keys, npairs, tile, lane);
 #pragma unroll 1
     for (int sl = 0; sl < NSLICE; ++sl) {
-      __syncthreads();  // the previous slice's x rows are consumed (and the sums zeroed)
+      __syncthreads();  // the previous slice's x rows are consumed (and the sums and records written)
       for (int i = tid; i < nbr * VROW; i += NT) {
         const int b = i / VROW, v = i - b * VROW;
-        xs[b * XROW + v] = tw_ld16(x + (t0 + b_lo + b) * DM + sl * COLS + v * 8, pol_stream);
+        xs[b * VROW + (v ^ tu_swz(b))] = tw_ld16(x + (t0 + b_lo + b) * DM + sl * COLS + v * 8, pol_stream);
       }
       __syncthreads();
       if (sl + 1 < NSLICE) {  // the next slice's rows on their way to L2 while this one is used
@@ -255,60 +323,62 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
           asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
         }
       }
-      if (warp >= ntiles) continue;
-      TuTile cur = tu_tile(keys, npairs, warp, lane, col_unit);
-      uint4 bcur[2][DKS];
-      tu_load_b(bcur, cur, w_up, sl, q, pol_keep);
+      // two tiles in flight a warp: one tile's Wu slices load while the other's products run
+      uint4 b0[2][DKS], b1[2][DKS];
+      TuLane m0, m1;
+      int tile = warp;
+      if (tile < ntiles) {
+        m0 = tu_lane(records + tile, g);
+        tu_load_b(b0, m0, w_up, sl, q, pol_keep);
+      }
 #pragma unroll 1
-      for (int tile = warp; tile < ntiles; tile += WARPS) {
-        TuTile nxt = cur;
-        uint4 bnxt[2][DKS];
-        if (tile + WARPS < ntiles) {  // the next tile's Wu slices load while this one runs
-          nxt = tu_tile(keys, npairs, tile + WARPS, lane, col_unit);
-          tu_load_b(bnxt, nxt, w_up, sl, q, pol_keep);
+      while (tile < ntiles) {
+        const int t1 = tile + WARPS;
+        if (t1 < ntiles) {
+          m1 = tu_lane(records + t1, g);
+          tu_load_b(b1, m1, w_up, sl, q, pol_keep);
         }
-        float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        const uint4* xa = xs + cur.row[0] * XROW + q;
-        const uint4* xb = xs + cur.row[1] * XROW + q;
-#pragma unroll
-        for (int s = 0; s < DKS; ++s) {
-          const uint4 a = xa[4 * s], c = xb[4 * s];
-          tu_mma(d[0], a.x, c.x, a.y, c.y, bcur[0][s].x, bcur[0][s].y);
-          tu_mma(d[0], a.z, c.z, a.w, c.w, bcur[0][s].z, bcur[0][s].w);
-          if (cur.ncols > 8) {
-            tu_mma(d[1], a.x, c.x, a.y, c.y, bcur[1][s].x, bcur[1][s].y);
-            tu_mma(d[1], a.z, c.z, a.w, c.w, bcur[1][s].z, bcur[1][s].w);
-          }
+        tu_tile_products(m0, b0, xs, sums, tile, g, q);
+        if (t1 >= ntiles) break;
+        const int t2 = t1 + WARPS;
+        if (t2 < ntiles) {
+          m0 = tu_lane(records + t2, g);
+          tu_load_b(b0, m0, w_up, sl, q, pol_keep);
         }
-        // D[row][col] sits in lane (row % 8, (col % 8) / 2), element 2 (row / 8) + col % 2 of half col / 8
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int col = cur.col[r];
-          if (col >= 0 && ((col & 7) >> 1) == q) {
-            const float lo = (col & 1) ? d[0][2 * r + 1] : d[0][2 * r];
-            const float hi = (col & 1) ? d[1][2 * r + 1] : d[1][2 * r];
-            sums[16 * tile + g + 8 * r] += (col >> 3) ? hi : lo;
-          }
-        }
-        cur = nxt;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int s = 0; s < DKS; ++s) bcur[h][s] = bnxt[h][s];
-        }
+        tu_tile_products(m1, b1, xs, sums, t1, g, q);
+        tile = t2;
       }
     }
     __syncthreads();
 
-    // 4. h = g * u into the slots
-    for (int p = tid; p < npairs; p += NT) {
-      const tw_u32 key = keys[p];
-      const int unit = (int)(key >> 16), k = unit / T;
-      const long long t = t0 + b_lo + ((key >> 8) & 0xFFu);
-      const unsigned long long src = ((unsigned long long)t * nt + k) * S + (key & 0xFFu);
-      const tw_u32 word = slots[src];
-      const float h = tw_to_float(word >> 16) * sums[p];
-      out[src] = (tw_pack2(h, 0.f) << 16) | (word & 0xFFFFu);
+    // 4. h = g * u into the slots, row by row as step 1 read them (rows are contiguous in memory)
+    for (int r0 = r_lo + tid; r0 < r_hi; r0 += 4 * NT) {
+      int start[4], c[4];
+      uint4 first[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = r0 + i * NT;
+        start[i] = r < r_hi ? rows[r] : 0;
+        c[i] = r < r_hi ? (r + 1 < r_hi ? rows[r + 1] : npairs) - start[i] : 0;
+        first[i] = c[i] > 0 ? tw_ld16(slots + ((unsigned long long)t0 * nt + r) * S, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (c[i] == 0) continue;
+        const unsigned long long base = ((unsigned long long)t0 * nt + r0 + i * NT) * S;
+        for (int v = 0; v * 4 < c[i]; ++v) {
+          const uint4 w = v == 0 ? first[i] : tw_ld16(slots + base + 4 * v, pol_stream);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int slot = 4 * v + e;
+            if (slot < c[i]) {
+              const tw_u32 word = tw_word(w, e);
+              const float h = tw_to_float(word >> 16) * sums[sorted_at[start[i] + slot]];
+              out[base + slot] = (tw_pack2(h, 0.f) << 16) | (word & 0xFFFFu);
+            }
+          }
+        }
+      }
     }
     __syncthreads();  // keys, sums and hist are rebuilt by the next sub-round
     b_lo = b_hi;
