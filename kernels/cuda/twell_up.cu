@@ -161,6 +161,41 @@ __device__ __forceinline__ void tu_load_b(uint4 (&b)[2][twu::DKS], const TuLane&
   }
 }
 
+// f(row, position, slot, word, address) for every stored pair of rows [r_lo, r_hi) of the block
+// (position: its index in the sub-round's row order; address: its index in `slots`). A thread takes
+// 4 rows at a time and loads their first 4 slots together (most rows hold 1 or 2 pairs).
+template <typename F>
+__device__ __forceinline__ void tu_for_each_stored_pair(const int* rows, int r_lo, int r_hi, int npairs,
+                                                        const tw_u32* slots, long long t0, int nt, tw_u64 pol,
+                                                        F&& f) {
+  using namespace twu;
+  for (int r0 = r_lo + (int)threadIdx.x; r0 < r_hi; r0 += 4 * NT) {
+    int start[4], count[4];
+    uint4 first[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + i * NT;
+      start[i] = r < r_hi ? rows[r] : 0;
+      count[i] = r < r_hi ? (r + 1 < r_hi ? rows[r + 1] : npairs) - start[i] : 0;
+      first[i] = count[i] > 0 ? tw_ld16(slots + ((unsigned long long)t0 * nt + r) * S, pol) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (count[i] == 0) continue;
+      const int r = r0 + i * NT;
+      const unsigned long long base = ((unsigned long long)t0 * nt + r) * S;
+      for (int v = 0; v * 4 < count[i]; ++v) {
+        const uint4 w = v == 0 ? first[i] : tw_ld16(slots + base + 4 * v, pol);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int slot = 4 * v + e;
+          if (slot < count[i]) f(r, start[i] + slot, slot, tw_word(w, e), base + slot);
+        }
+      }
+    }
+  }
+}
+
 // x chunk v of sub-round row r sits at chunk v ^ tu_swz(r) of its shared-memory row: two random rows
 // read by one 8-lane phase then fall in different bank halves whenever their parities differ.
 __device__ __forceinline__ int tu_swz(int row) { return (row & 1) << 2; }
@@ -263,35 +298,13 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
 
     // 1. raw list in row order, histogram over the units. rows[] of this sub-round become starts.
     tu_block_scan(rows + r_lo, r_hi - r_lo, s_warp);  // rows past r_hi keep their counts
-    for (int r0 = r_lo + tid; r0 < r_hi; r0 += 4 * NT) {  // 4 rows a thread at a time: first loads together
-      int start[4], c[4];
-      uint4 first[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = r0 + i * NT;
-        start[i] = r < r_hi ? rows[r] : 0;
-        c[i] = r < r_hi ? (r + 1 < r_hi ? rows[r + 1] : npairs) - start[i] : 0;
-        first[i] = c[i] > 0 ? tw_ld16(slots + ((unsigned long long)t0 * nt + r) * S, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (c[i] == 0) continue;
-        const int r = r0 + i * NT, b = r / nt, k = r - b * nt;
-        const uint4* sp = reinterpret_cast<const uint4*>(slots + ((unsigned long long)t0 * nt + r) * S);
-        for (int v = 0; v * 4 < c[i]; ++v) {
-          const uint4 w = v == 0 ? first[i] : tw_ld16(sp + v, pol_stream);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int slot = 4 * v + e;
-            if (slot < c[i]) {
-              const int unit = k * T + (int)(tw_word(w, e) & 0xFFFFu);
-              raw[start[i] + slot] = ((tw_u32)unit << 16) | ((tw_u32)(b - b_lo) << 8) | (tw_u32)slot;
-              atomicAdd(hist + unit, 1);
-            }
-          }
-        }
-      }
-    }
+    tu_for_each_stored_pair(rows, r_lo, r_hi, npairs, slots, t0, nt, pol_stream,
+                            [&](int r, int position, int slot, tw_u32 word, unsigned long long) {
+      const int b = r / nt, k = r - b * nt;
+      const int unit = k * T + (int)(word & 0xFFFFu);
+      raw[position] = ((tw_u32)unit << 16) | ((tw_u32)(b - b_lo) << 8) | (tw_u32)slot;
+      atomicAdd(hist + unit, 1);
+    });
     // 2. unit order
     tu_block_scan(hist, d_ff + 1, s_warp);
     for (int p = tid; p < npairs; p += NT) {
@@ -352,34 +365,11 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
     __syncthreads();
 
     // 4. h = g * u into the slots, row by row as step 1 read them (rows are contiguous in memory)
-    for (int r0 = r_lo + tid; r0 < r_hi; r0 += 4 * NT) {
-      int start[4], c[4];
-      uint4 first[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = r0 + i * NT;
-        start[i] = r < r_hi ? rows[r] : 0;
-        c[i] = r < r_hi ? (r + 1 < r_hi ? rows[r + 1] : npairs) - start[i] : 0;
-        first[i] = c[i] > 0 ? tw_ld16(slots + ((unsigned long long)t0 * nt + r) * S, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (c[i] == 0) continue;
-        const unsigned long long base = ((unsigned long long)t0 * nt + r0 + i * NT) * S;
-        for (int v = 0; v * 4 < c[i]; ++v) {
-          const uint4 w = v == 0 ? first[i] : tw_ld16(slots + base + 4 * v, pol_stream);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int slot = 4 * v + e;
-            if (slot < c[i]) {
-              const tw_u32 word = tw_word(w, e);
-              const float h = tw_to_float(word >> 16) * sums[sorted_at[start[i] + slot]];
-              out[base + slot] = (tw_pack2(h, 0.f) << 16) | (word & 0xFFFFu);
-            }
-          }
-        }
-      }
-    }
+    tu_for_each_stored_pair(rows, r_lo, r_hi, npairs, slots, t0, nt, pol_stream,
+                            [&](int, int position, int, tw_u32 word, unsigned long long address) {
+      const float h = tw_to_float(word >> 16) * sums[sorted_at[position]];
+      out[address] = (tw_pack2(h, 0.f) << 16) | (word & 0xFFFFu);
+    });
     __syncthreads();  // keys, sums and hist are rebuilt by the next sub-round
     b_lo = b_hi;
   }

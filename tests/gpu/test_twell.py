@@ -73,6 +73,16 @@ def test_pack_matches_reference(dtype):
     assert ref.overflow[1].all() and not ref.overflow[2].any() and ref.overflow[3, 1] and ref.overflow[4, 0]
 
 
+def _adversarial_problem(dtype, n, d_model, d_ff, tile, slots, seed):
+    """(gate, x, w_up, w_down): an adversarial gate (`_adversarial_gate`) and random inputs and weights."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
+    x = torch.randn(n, d_model, generator=g, device=DEV).to(dtype)
+    w_up = (torch.randn(d_ff, d_model, generator=g, device=DEV) / d_model**0.5).to(dtype)
+    w_down = (torch.randn(d_model, d_ff, generator=g, device=DEV) / d_ff**0.5).to(dtype)
+    return gate, x, w_up, w_down
+
+
 ADVERSARIAL_SHAPES = [
     (torch.bfloat16, 1000, 1024, 2816, 256, 32),
     (torch.float16, 127, 1024, 2816, 512, 8),
@@ -84,11 +94,7 @@ ADVERSARIAL_SHAPES = [
 @pytest.mark.parametrize("dtype,n,d_model,d_ff,tile,slots", ADVERSARIAL_SHAPES)
 def test_fused_adversarial_poisoned(gated, up_blocked, dtype, n, d_model, d_ff, tile, slots):
     seed = _seed()
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
-    x = torch.randn(n, d_model, generator=g, device=DEV).to(dtype)
-    w_up = (torch.randn(d_ff, d_model, generator=g, device=DEV) / d_model**0.5).to(dtype)
-    w_down = (torch.randn(d_model, d_ff, generator=g, device=DEV) / d_ff**0.5).to(dtype)
+    gate, x, w_up, w_down = _adversarial_problem(dtype, n, d_model, d_ff, tile, slots, seed)
     counts, packed, _ = twell.twell_pack(gate, tile, slots)
     y = torch.full((n, d_model), float("nan"), dtype=dtype, device=DEV)
     if up_blocked:  # h in the slots from the token-blocked kernel, overflowing tiles from the gate rows
@@ -121,10 +127,7 @@ def _h_of_slots(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def test_up_blocked_vs_fp32(dtype, n, d_model, d_ff, tile, slots, up_tokens, pair_cap):
     """h = g * (x . Wu[j]) in every stored slot of a non-overflowing tile; every other slot untouched."""
     seed = _seed()
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    gate = _adversarial_gate(n, d_ff, tile, slots, dtype, seed)
-    x = torch.randn(n, d_model, generator=g, device=DEV).to(dtype)
-    w_up = (torch.randn(d_ff, d_model, generator=g, device=DEV) / d_model**0.5).to(dtype)
+    gate, x, w_up, _ = _adversarial_problem(dtype, n, d_model, d_ff, tile, slots, seed)
     counts, packed, _ = twell.twell_pack(gate, tile, slots)
     nt = tr.num_tiles(d_ff, tile)
     config = twell.FusedConfig(up_blocked=1, up_tokens=up_tokens, up_pair_cap=nt * slots if pair_cap < 0 else pair_cap)
