@@ -223,20 +223,38 @@ def up_pair_capacity(device: torch.device, d_model: int, d_ff: int, tile: int, c
     return min(room, cfg.up_pair_cap) if cfg.up_pair_cap > 0 else room
 
 
+def _up_blocked_problem(device: torch.device, d_model: int, d_ff: int, tile: int, slots: int,
+                        cfg: FusedConfig) -> Optional[str]:
+    """Why twell_up.cu cannot take this problem, or None."""
+    if slots % 4:
+        return f"slots must be a multiple of 4 (got {slots}): the kernel reads them 16 bytes at a time"
+    if d_ff > UP_MAX_D_FF:
+        return f"d_ff must be at most {UP_MAX_D_FF} (got {d_ff}): its unit histogram lives in shared memory"
+    if not 1 <= cfg.up_tokens <= 256:
+        return f"FusedConfig.up_tokens must be in [1, 256] (got {cfg.up_tokens}): a token's index travels in 8 bits"
+    if device.type != "cuda":
+        return f"it runs on CUDA only (got a {device.type} tensor)"
+    need = num_tiles(d_ff, tile) * slots
+    cap = up_pair_capacity(device, d_model, d_ff, tile, cfg)
+    if cap < need or cfg.up_pair_cap % 16:
+        return (f"the pair capacity {cap} (FusedConfig.up_pair_cap={cfg.up_pair_cap}, 0 = what shared memory holds) "
+                f"must be a multiple of 16 and hold one token's {need} slots")
+    return None
+
+
 def up_blocked_supported(device: torch.device, d_model: int, d_ff: int, tile: int, slots: int,
                          config: Optional[FusedConfig] = None) -> bool:
-    """True where the gated fused stage runs twell_up.cu first: enabled, slots a multiple of 4, d_ff
-    within the shared-memory histogram, Wu within `up_l2_factor` x L2, and room for a block to sort
-    at least one token's worth of pairs (and 1024)."""
+    """True where the gated fused stage runs twell_up.cu first: enabled (FusedConfig.up_blocked), a
+    problem the kernel takes (`twell_up_blocked`), Wu within `up_l2_factor` x L2, and room for a block
+    to sort at least 1024 pairs."""
     cfg = config or current_config()
-    if not cfg.up_blocked or device.type != "cuda" or slots % 4 or d_ff > UP_MAX_D_FF or not 1 <= cfg.up_tokens <= 256:
+    if not cfg.up_blocked or _up_blocked_problem(device, d_model, d_ff, tile, slots, cfg) is not None:
         return False
     from sparse_llm.kernels.loader import device_properties
 
     if d_ff * d_model * 2 > cfg.up_l2_factor * device_properties(device).L2_cache_size:
         return False
-    cap = up_pair_capacity(device, d_model, d_ff, tile, cfg)
-    return cap >= num_tiles(d_ff, tile) * slots and (cap >= _UP_MIN_PAIR_CAP or cfg.up_pair_cap > 0)
+    return up_pair_capacity(device, d_model, d_ff, tile, cfg) >= _UP_MIN_PAIR_CAP or cfg.up_pair_cap > 0
 
 
 def twell_up_blocked(x2d: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, w_up: torch.Tensor,
@@ -244,20 +262,20 @@ def twell_up_blocked(x2d: torch.Tensor, counts: torch.Tensor, packed: torch.Tens
                      config: Optional[FusedConfig] = None) -> torch.Tensor:
     """h = g * (x . Wu[j]) for every stored slot of a non-overflowing tile, as (bits(h) << 16) | column
     in `out` (default: a new tensor; `packed` itself to work in place). Slots past a tile's count and
-    the slots of overflowing tiles are left as they are. Needs `up_blocked_supported`."""
+    the slots of overflowing tiles are left as they are. CUDA; slots a multiple of 4; d_ff <= 16384."""
     from sparse_llm.kernels.loader import get_kernel, launch, ptr
 
     cfg = config or current_config()
     n, d_model = x2d.shape
     d_ff = w_up.shape[0]
     slots = packed.shape[-1]
+    problem = _up_blocked_problem(x2d.device, d_model, d_ff, tile, slots, cfg)
+    if problem is not None:
+        raise ValueError(f"twell_up_blocked: {problem}")
     out = torch.empty_like(packed) if out is None else out
     if n == 0:
         return out
     cap = up_pair_capacity(x2d.device, d_model, d_ff, tile, cfg)
-    if cap < num_tiles(d_ff, tile) * slots:
-        raise ValueError(f"twell_up_blocked: FusedConfig.up_pair_cap={cap} is below one token's "
-                         f"{num_tiles(d_ff, tile) * slots} slots; raise it or set up_blocked=0")
     kernel = get_kernel("twell_up.cu", "twell_up_blocked", x2d.device, **up_defines(d_model, tile, slots, x2d.dtype, cfg))
     shared = up_shared_bytes(d_model, d_ff, tile, cfg.up_tokens, cap)
     launch(kernel, (-(-n // cfg.up_tokens),), (UP_THREADS,),

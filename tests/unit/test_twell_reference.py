@@ -144,6 +144,21 @@ def test_nvcc_compiles(source, arch):
             assert "C7511" not in report and "C7519" not in report, f"{defines}:\n{report}"
 
 
+def test_blocked_up_projection_errors_name_the_limit():
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.bfloat16)
+    counts = torch.zeros(4, 1, dtype=torch.int32)
+    cases = [(torch.zeros(4, 1, 6, dtype=torch.int32), twell.FusedConfig(), "multiple of 4"),
+             (torch.zeros(4, 1, 8, dtype=torch.int32), twell.FusedConfig(up_tokens=300), "up_tokens"),
+             (torch.zeros(4, 1, 8, dtype=torch.int32), twell.FusedConfig(), "CUDA only")]
+    for packed, config, message in cases:
+        with pytest.raises(ValueError, match=message):
+            twell.twell_up_blocked(x, counts, packed, w, config=config)
+    with pytest.raises(ValueError, match="at most 16384"):
+        twell.twell_up_blocked(x, counts, torch.zeros(4, 1, 8, dtype=torch.int32), torch.zeros(16448, 64))
+    assert not twell.up_blocked_supported(torch.device("cpu"), 64, 256, 256, 8, twell.FusedConfig(up_blocked=1))
+    assert not twell.up_blocked_supported(torch.device("cuda"), 64, 256, 256, 8, twell.FusedConfig(up_blocked=0))
+
+
 def test_gate_kernel_config_errors_name_the_field():
     x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.bfloat16)
     for bad in (twell.FusedConfig(gate_stages=5), twell.FusedConfig(gate_cluster=3)):
