@@ -145,13 +145,6 @@ def profile_case(s, args, name):
             hybrid.DW_SPLIT_TOKENS = split
             print(f"  hy_dw with DW_SPLIT_TOKENS={split}: {_kernel_ms(ours, 'hy_dw'):.3f} ms per backward", flush=True)
         hybrid.DW_SPLIT_TOKENS = args.dw_split
-    if args.dw_chunks:  # time hy_dw (all its launches), and the whole fwd+bwd, for each token chunk count
-        for chunks in [int(v) for v in args.dw_chunks.split(",")]:
-            hybrid.DW_TOKEN_CHUNKS = chunks
-            print(f"  hy_dw in {chunks} token chunks: {_kernel_ms(ours, 'hy_dw'):.3f} ms per backward, "
-                  f"+ zero/finish {_kernel_ms(ours, 'hy_dw_zero') + _kernel_ms(ours, 'hy_dw_finish'):.3f} ms; "
-                  f"fwd+bwd {time_ms(ours, 20, _flush_buffer()):.3f} ms", flush=True)
-        hybrid.DW_TOKEN_CHUNKS = None
     if args.fwd_minb:  # time hy_forward alone for each register cap
         for mb in [int(v) for v in args.fwd_minb.split(",")]:
             hybrid.FWD_MIN_BLOCKS = mb
@@ -194,7 +187,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fwd-minb", default="", help="with --profile: hy_forward times for these min-blocks")
     p.add_argument("--dw-splits", default="", help="with --profile: hy_dw times for these unit split sizes")
     p.add_argument("--dw-split", type=int, default=512, help="hy_dw: tokens per part of a split unit")
-    p.add_argument("--dw-chunks", default="", help="with --profile: hy_dw times for these token chunk counts")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the training bench needs a CUDA GPU")

@@ -29,11 +29,6 @@ _DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
 DW_SPLIT_TOKENS = 512
-# hy_dw gathers the x and dy rows of each unit's tokens; with all tokens in play those rows (4 x d_model
-# bytes a token) are far more than L2 holds. It runs in token chunks whose rows fit DW_L2_SHARE of L2,
-# one launch each, every unit adding float32 partial rows (None: that many chunks; 1: one launch).
-DW_L2_SHARE = 0.5
-DW_TOKEN_CHUNKS: Optional[int] = None
 # hy_forward and hy_dx: up to SPLIT_ROWS rows with at least SPLIT_ROW_UNITS active units (the longest)
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
@@ -56,14 +51,6 @@ def backward_ell_width(width: int, d_ff: int) -> int:
     lives only through the backward (N x 512 x 8 bytes), so that hy_dx recomputes (three extra row
     reads a pair) only for rows past BACKWARD_ELL_WIDTH units."""
     return max(width, min(BACKWARD_ELL_WIDTH, d_ff))
-
-
-def dw_token_chunks(n: int, d_model: int, device: torch.device) -> int:
-    """Launches of hy_dw: token chunks (multiples of 32 tokens) whose x and dy rows fit DW_L2_SHARE of L2."""
-    if DW_TOKEN_CHUNKS is not None:
-        return max(1, min(DW_TOKEN_CHUNKS, (n + 31) // 32))
-    per_chunk = max(32, int(DW_L2_SHARE * device_properties(device).L2_cache_size) // (4 * d_model) // 32 * 32)
-    return max(1, -(-n // per_chunk))
 
 
 def shape_supported(d_model: int, d_ff: int) -> bool:
@@ -245,22 +232,16 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     item_start = torch.empty(d_ff + 1, dtype=torch.int32, device=dev)
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
            (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
-    chunks = dw_token_chunks(n, d_model, dev)
-    chunk_words = -(-wc // chunks)
-    all_units = i32(chunks > 1)  # every unit adds partial rows when tokens come in chunks
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
-    launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,),
-           (ptr(item_start), ptr(acc), i32(d_ff), all_units))
+    launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     grid = d_ff + 4 * device_properties(dev).multi_processor_count  # items past d_ff: split units
-    for w_lo in range(0, max(wc, 1), chunk_words):
-        launch(_kernel("hy_dw", dev, d_model, gated, dt), (grid,), (threads,),
-               (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-                ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-                ptr(acc), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d), i32(w_lo),
-                i32(min(wc, w_lo + chunk_words)), all_units),
-               shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
+    launch(_kernel("hy_dw", dev, d_model, gated, dt), (grid,), (threads,),
+           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
+            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
+            ptr(acc), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d)),
+           shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
-           (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff), all_units))
+           (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:
         rows = _split_bound(n)
         part_dx = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)

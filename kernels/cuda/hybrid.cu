@@ -591,7 +591,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
       tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      float* __restrict__ ACC, int S, int N, int FF, int W, int WD, int w_lo, int w_hi, int all_acc) {
+      float* __restrict__ ACC, int S, int N, int FF, int W, int WD) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ int s_rank[DW_CAP];
@@ -640,14 +640,14 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
   const tw_u32* mc = mcol + (size_t)j * WC;
   int seen = 0;  // tokens of unit j in earlier rounds
 #pragma unroll 1
-  for (int cw = w_lo; cw < w_hi && seen < s_range[1]; cw += DW_THR * DW_WPT) {
+  for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
     // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
     tw_u32 words[DW_WPT];
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
       const int wi = cw + tid * DW_WPT + q;
-      words[q] = (wi < w_hi) ? __ldg(mc + wi) : 0u;
+      words[q] = (wi < WC) ? __ldg(mc + wi) : 0u;
       cnt += __popc(words[q]);
     }
     int incl = tw_warp_scan(cnt, lane);
@@ -816,9 +816,8 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     }
   }
   hy_cp_wait<0>();
-  if (s_range[2] > 1 || all_acc) {  // a split unit (or a token chunk): float32 partial rows for hy_dw_finish
+  if (s_range[2] > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
     float* acc = ACC + (size_t)j * 3 * D + tid * 8;
-    if (seen > s_range[0])  // the item met tokens (uniform over the CTA)
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       atomicAdd(acc + k, ag[k]);
@@ -866,21 +865,20 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* __restrict__ item_start, 
   if (tid == 1023) item_start[FF] = start;  // the last thread's range ends at FF
 }
 
-// hy_dw_zero / hy_dw_finish: CTA per unit, DW_THR threads; only the units split over several items
-// (every unit with all_units: the token chunks of a chunked hy_dw all add partial rows).
+// hy_dw_zero / hy_dw_finish: CTA per unit, DW_THR threads; only the units split over several items.
 extern "C" __global__ void __launch_bounds__(DW_THR)
-hy_dw_zero(const int* __restrict__ item_start, float* __restrict__ ACC, int FF, int all_units) {
+hy_dw_zero(const int* __restrict__ item_start, float* __restrict__ ACC, int FF) {
   const int j = blockIdx.x;
-  if (!all_units && __ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
+  if (__ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
   float* acc = ACC + (size_t)j * 3 * D;
   for (int i = threadIdx.x; i < 3 * D; i += DW_THR) acc[i] = 0.f;
 }
 
 extern "C" __global__ void __launch_bounds__(DW_THR)
 hy_dw_finish(const int* __restrict__ item_start, const float* __restrict__ ACC, tw_u16* __restrict__ DWG,
-             tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, int FF, int all_units) {
+             tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, int FF) {
   const int j = blockIdx.x, tid = threadIdx.x;
-  if (!all_units && __ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
+  if (__ldg(item_start + j + 1) - __ldg(item_start + j) <= 1) return;
   const float* acc = ACC + (size_t)j * 3 * D + tid * 8;
   float v[8];
 #pragma unroll
