@@ -17,7 +17,6 @@ KERNELS = ("torch", "twell", "hybrid", "auto")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 AC_MODES = ("none", "full", "selective")
-FSDP_UNITS = ("blocks", "root")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -98,10 +97,6 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each block
     replicate: int = 1  # HSDP: world = replicate x shard; 1 = FSDP over all ranks
     reshard_after_forward: bool = True  # every block but the last, whose backward comes first
-    # FSDP units: `blocks` (each block, then the root) or `root` (the whole model as one unit: one
-    # unshard a forward instead of a hook per block; it holds the whole model's bf16 copy from the
-    # forward to the end of the backward, which on one GPU is what resharding would save)
-    fsdp_units: str = "blocks"
 
 
 @dataclass
@@ -243,7 +238,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction must lie in (0, 1]")
     _choice("precision.name", cfg.precision.name, PRECISIONS)
     _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, AC_MODES)
-    _choice("parallel.fsdp_units", cfg.parallel.fsdp_units, FSDP_UNITS)
     _positive("parallel.selective_every", cfg.parallel.selective_every)
     _positive("parallel.replicate", cfg.parallel.replicate)
     _require(world_size % cfg.parallel.replicate == 0,

@@ -1,6 +1,5 @@
 """Apply parallelism to single-device model code, in one fixed order:
-activation checkpointing -> per-block torch.compile -> FSDP2 `fully_shard` per block (unless
-`parallel.fsdp_units=root`), then the root.
+activation checkpointing -> per-block torch.compile -> FSDP2 `fully_shard` per block, then the root.
 
 The model is built on the meta device and materialized after sharding, so no rank ever holds the
 whole unsharded model. A world of one goes through the same path (FSDP2 over a mesh of one).
@@ -56,7 +55,7 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, p
         _compile_blocks(model)
     policy = mixed_precision(precision, device)
     last = len(model.blocks) - 1
-    for index, block in enumerate(model.blocks if cfg.fsdp_units == "blocks" else []):
+    for index, block in enumerate(model.blocks):
         # the last block's backward runs right after the forward: resharding it would only make the
         # backward wait for a fresh all-gather
         reshard = cfg.reshard_after_forward and index < last

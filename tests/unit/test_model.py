@@ -147,31 +147,3 @@ def test_the_last_block_is_not_resharded_after_the_forward(tmp_path, reshard):
         assert sharded == ([True, True, False] if reshard else [False, False, False])
     finally:
         dist.destroy_process_group()
-
-
-def test_one_fsdp_unit_for_the_whole_model_gives_the_same_gradients(tmp_path):
-    # parallel.fsdp_units=root: no per-block FSDP hooks, the same numbers
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule
-
-    from sparse_llm.config import ParallelConfig
-    from sparse_llm.parallel.fsdp import apply_parallelism
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        tokens = torch.randint(0, 50, (2, 16))
-        grads = {}
-        for units in ("blocks", "root"):
-            model = Transformer(ModelConfig(d_model=64, n_layers=3, n_heads=2, d_ff=128, vocab_size=50, seq_len=16))
-            model.init_weights(seed=0)
-            apply_parallelism(model, ParallelConfig(fsdp_units=units), init_device_mesh("cpu", (1,)), "fp32",
-                              torch.device("cpu"))
-            assert [isinstance(b, FSDPModule) for b in model.blocks] == [units == "blocks"] * 3
-            model(tokens).logits.float().square().mean().backward()
-            grads[units] = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
-        assert grads["blocks"].keys() == grads["root"].keys()
-        for name, grad in grads["blocks"].items():
-            torch.testing.assert_close(grads["root"][name], grad, rtol=0, atol=0, msg=name)
-    finally:
-        dist.destroy_process_group()
