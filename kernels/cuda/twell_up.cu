@@ -25,6 +25,8 @@
 //     plain 16-byte loads.
 //  4. h = g * u is written back row by row (each pair's sum found through its sorted position).
 // The overflowing tiles are not touched: the fused stage computes them from the dense gate rows.
+// Opt-in (FusedConfig.up_blocked): on H100 it is slower than the per-token kernel it replaces half
+// of, since each pair's x slices now cross shared memory (kernels/NOTES_twell.md v7).
 #include "twell_common.cuh"
 
 #ifndef TW_DMODEL
@@ -36,7 +38,6 @@
 #ifndef TU_THREADS
 #define TU_THREADS 384
 #endif
-
 
 namespace twu {
 constexpr int DM = TW_DMODEL;
