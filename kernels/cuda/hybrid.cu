@@ -842,27 +842,10 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 
 extern "C" __global__ void __launch_bounds__(1024)
-hy_dw_plan(const int* __restrict__ neuron_counts, int* __restrict__ item_start, int FF, int part) {
-  __shared__ int warp_total[32];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per = (FF + 1023) / 1024;
-  const int begin = min(FF, tid * per), end = min(FF, begin + per);
-  int mine = 0;
-  for (int j = begin; j < end; ++j) mine += hy_unit_items(__ldg(neuron_counts + j), part);
-  int inclusive = tw_warp_scan(mine, lane);
-  if (lane == 31) warp_total[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    const int total = tw_warp_scan(warp_total[lane], lane);
-    warp_total[lane] = total;  // inclusive over warps
-  }
-  __syncthreads();
-  int start = inclusive - mine + (warp > 0 ? warp_total[warp - 1] : 0);
-  for (int j = begin; j < end; ++j) {
-    item_start[j] = start;
-    start += hy_unit_items(__ldg(neuron_counts + j), part);
-  }
-  if (tid == 1023) item_start[FF] = start;  // the last thread's range ends at FF
+hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int part) {
+  __shared__ int warp_sums[32];
+  for (int j = threadIdx.x; j <= FF; j += 1024) item_start[j] = j < FF ? hy_unit_items(__ldg(neuron_counts + j), part) : 0;
+  tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
 }
 
 // hy_dw_zero / hy_dw_finish: CTA per unit, DW_THR threads; only the units split over several items.

@@ -1,6 +1,6 @@
 // Shared helpers of the CUDA kernels: the TwELL format and its inference kernels (twell_pack.cu,
 // twell_ffn.cu, twell_gate.cu), and the 16-bit conversions, L2 policies, 16-byte accesses and warp
-// scan that hybrid.cu, rope.cu and cross_entropy.cu use as well.
+// scan (and the CTA-wide scan) that hybrid.cu, rope.cu, cross_entropy.cu and twell_up.cu use as well.
 //
 // No CUDA headers are included on purpose: the kernels compile with NVRTC (CuPy RawModule) and
 // with nvcc alike, and bf16 / fp16 conversions are done with bit operations or one PTX `cvt`.
@@ -135,4 +135,37 @@ __device__ __forceinline__ unsigned tw_positive_mask8(const uint4& v) {
 __device__ __forceinline__ tw_u32 tw_elem_bits(const uint4& v, int e) {
   tw_u32 w = tw_word(v, e >> 1);
   return (e & 1) ? (w >> 16) : (w & 0xFFFFu);
+}
+
+// In-place exclusive scan of a[0, n) (shared or global memory) over a CTA of NT threads; returns the
+// total. Each thread sums a contiguous segment; warp_sums holds NT / 32 ints. Every thread calls it.
+template <int NT>
+__device__ int tw_block_exclusive_scan(int* a, int n, int* warp_sums) {
+  static_assert(NT % 32 == 0 && NT >= 32 && NT <= 1024, "whole warps, one CTA");
+  constexpr int WARPS = NT / 32;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (n + NT - 1) / NT;
+  __syncthreads();  // a[] was just written by other threads
+  const int begin = min(n, tid * per), end = min(n, begin + per);
+  int mine = 0;
+  for (int i = begin; i < end; ++i) mine += a[i];
+  const int incl = tw_warp_scan(mine, lane);
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int v = lane < WARPS ? warp_sums[lane] : 0;
+    const int w = tw_warp_scan(v, lane);
+    if (lane < WARPS) warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  int run = incl - mine + (warp > 0 ? warp_sums[warp - 1] : 0);
+  for (int i = begin; i < end; ++i) {
+    const int c = a[i];
+    a[i] = run;
+    run += c;
+  }
+  const int total = warp_sums[WARPS - 1];
+  __syncthreads();
+  return total;
 }

@@ -56,36 +56,6 @@ static_assert(S % 4 == 0 && S <= 256, "slots are read 4 at a time and travel in 
 static_assert(NT % 32 == 0 && NT >= 64 && NT <= 1024, "TU_THREADS must be whole warps");
 }  // namespace twu
 
-// In-place exclusive scan of a[0, n) over the CTA; returns the total. All threads call it.
-__device__ int tu_block_scan(int* a, int n, int* warp_sums) {
-  using namespace twu;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int per = (n + NT - 1) / NT;
-  __syncthreads();  // a[] was just written by other threads
-  const int begin = min(n, tid * per), end = min(n, begin + per);
-  int mine = 0;
-  for (int i = begin; i < end; ++i) mine += a[i];
-  const int incl = tw_warp_scan(mine, lane);
-  __syncthreads();  // warp_sums may still be read by a previous call
-  if (lane == 31) warp_sums[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int v = lane < WARPS ? warp_sums[lane] : 0;
-    const int w = tw_warp_scan(v, lane);
-    if (lane < WARPS) warp_sums[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  int run = incl - mine + (warp > 0 ? warp_sums[warp - 1] : 0);
-  for (int i = begin; i < end; ++i) {
-    const int c = a[i];
-    a[i] = run;
-    run += c;
-  }
-  const int total = warp_sums[WARPS - 1];
-  __syncthreads();
-  return total;
-}
-
 // d += A B for one m16n8k16 step (A 16 x 16 row-major, B 16 x 8 "col": the units' rows), fp32.
 __device__ __forceinline__ void tu_mma(float (&d)[4], tw_u32 a0, tw_u32 a1, tw_u32 a2, tw_u32 a3, tw_u32 b0,
                                        tw_u32 b1) {
@@ -280,7 +250,7 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
     for (int k = 0; b < nb && k < nt; ++k) s += rows[b * nt + k];
     tok[b] = s;
   }
-  tu_block_scan(tok, nb + 1, s_warp);  // tok[b] = pairs before token b; tok[nb] = all of them
+  tw_block_exclusive_scan<NT>(tok, nb + 1, s_warp);  // tok[b] = pairs before token b; tok[nb] = all of them
 
   for (int b_lo = 0; b_lo < nb;) {
     if (tid == 0) {  // as many tokens as the pair capacity holds (one token's nt * S always fits)
@@ -298,7 +268,7 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
     const int r_lo = b_lo * nt, r_hi = b_hi * nt;
 
     // 1. raw list in row order, histogram over the units. rows[] of this sub-round become starts.
-    tu_block_scan(rows + r_lo, r_hi - r_lo, s_warp);  // rows past r_hi keep their counts
+    tw_block_exclusive_scan<NT>(rows + r_lo, r_hi - r_lo, s_warp);  // rows past r_hi keep their counts
     tu_for_each_stored_pair(rows, r_lo, r_hi, npairs, slots, t0, nt, pol_stream,
                             [&](int r, int position, int slot, tw_u32 word, unsigned long long) {
       const int b = r / nt, k = r - b * nt;
@@ -307,7 +277,7 @@ twell_up_blocked(const tw_u16* __restrict__ x,     // [n_tokens, d_model]
       atomicAdd(hist + unit, 1);
     });
     // 2. unit order
-    tu_block_scan(hist, d_ff + 1, s_warp);
+    tw_block_exclusive_scan<NT>(hist, d_ff + 1, s_warp);
     for (int p = tid; p < npairs; p += NT) {
       const tw_u32 key = raw[p];
       const int pos = atomicAdd(hist + (key >> 16), 1);
