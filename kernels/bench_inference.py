@@ -101,9 +101,8 @@ def _stages(syn, w_dt, tile, slots, gated=True):
     t_gate_kernel = float("nan")
     if twell.gate_kernel_supported(x.device, x.dtype, tile, slots):
         t_gate_kernel = _bench(lambda: twell.twell_gate_pack(x, wg, slots, row_total=row_total), 100)
-    h_slots = torch.empty_like(packed)  # the blocked up-projection writes here, so `packed` stays intact
     t_fused = _bench(lambda: twell.twell_sparse_stage(x, gate, counts, packed, wu if gated else None, w_dt, tile,
-                                                      order=order, h_slots=h_slots), 100)
+                                                      order=order, in_place=False), 100)
     return t_gate, t_pack, t_gate_kernel, t_fused, stats
 
 
@@ -137,9 +136,8 @@ def run_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots):
     for cfg in SWEEP:
         twell.set_default_config(cfg)
         try:
-            h_slots = torch.empty_like(packed)
             t_fused = _bench(lambda: twell.twell_sparse_stage(syn.x, gate, counts, packed, syn.w_up, w_dt, tile,
-                                                              h_slots=h_slots), 100)
+                                                              in_place=False), 100)
             totals, err = [], 0.0
             for s_, w_, ref in inputs:
                 y = twell.twell_ffn(s_.x, s_.w_gate, s_.w_up, None, w_down_t=w_)
@@ -168,9 +166,8 @@ def run_pass_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots, base):
     times = {}
     for passes in sorted({1, 2, 3, 4, auto}):
         cfg = replace(base, passes=passes)
-        h_slots = torch.empty_like(packed)
         times[passes] = _bench(lambda: twell.twell_sparse_stage(syn.x, gate, counts, packed, syn.w_up, w_dt, tile,
-                                                                config=cfg, h_slots=h_slots), 100)
+                                                                config=cfg, in_place=False), 100)
     best = min(times, key=times.get)
     print(f"# passes sweep {d_model}x{d_ff} (weights {2 * d_model * d_ff * 2 / 2**20:.0f} MiB), fused ms: "
           + ", ".join(f"{k}: {v:.2f}" for k, v in times.items()) + f"; auto {auto}; using {best}", flush=True)

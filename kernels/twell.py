@@ -223,15 +223,23 @@ def up_pair_capacity(device: torch.device, d_model: int, d_ff: int, tile: int, c
     return min(room, cfg.up_pair_cap) if cfg.up_pair_cap > 0 else room
 
 
-def _up_blocked_problem(device: torch.device, d_model: int, d_ff: int, tile: int, slots: int,
-                        cfg: FusedConfig) -> Optional[str]:
-    """Why twell_up.cu cannot take this problem, or None."""
+def _up_shape_problem(d_ff: int, slots: int, cfg: FusedConfig) -> Optional[str]:
+    """Why twell_up.cu cannot take this shape or config on any device, or None."""
     if slots % 4:
         return f"slots must be a multiple of 4 (got {slots}): the kernel reads them 16 bytes at a time"
     if d_ff > UP_MAX_D_FF:
         return f"d_ff must be at most {UP_MAX_D_FF} (got {d_ff}): its unit histogram lives in shared memory"
     if not 1 <= cfg.up_tokens <= 256:
         return f"FusedConfig.up_tokens must be in [1, 256] (got {cfg.up_tokens}): a token's index travels in 8 bits"
+    return None
+
+
+def _up_blocked_problem(device: torch.device, d_model: int, d_ff: int, tile: int, slots: int,
+                        cfg: FusedConfig) -> Optional[str]:
+    """Why twell_up.cu cannot take this problem, or None."""
+    problem = _up_shape_problem(d_ff, slots, cfg)
+    if problem is not None:
+        return problem
     if device.type != "cuda":
         return f"it runs on CUDA only (got a {device.type} tensor)"
     need = num_tiles(d_ff, tile) * slots
@@ -294,7 +302,7 @@ def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
     cfg = current_config()
     variants = [("twell_pack.cu", pack_defines(DEFAULT_TILE, DEFAULT_SLOTS, dtype, cfg.pack_unroll)),
                 ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype))]
-    if gated and cfg.up_blocked and d_ff <= UP_MAX_D_FF and DEFAULT_SLOTS % 4 == 0:  # the device decides at run time
+    if gated and cfg.up_blocked and _up_shape_problem(d_ff, DEFAULT_SLOTS, cfg) is None:  # the device decides the rest
         variants += [("twell_up.cu", up_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, dtype)),
                      ("twell_ffn.cu", fused_defines(d_model, DEFAULT_TILE, DEFAULT_SLOTS, gated, dtype, hslots=True))]
     if arch == GATE_KERNEL_ARCH and DEFAULT_TILE == GATE_KERNEL_TILE:
@@ -570,14 +578,15 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
 def twell_sparse_stage(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                        w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
                        config: Optional[FusedConfig] = None, order: Optional[torch.Tensor] = None,
-                       h_slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       in_place: bool = True) -> torch.Tensor:
     """Everything after the gate and pack: twell_up_blocked where supported (gated), then the fused
-    stage. The blocked up-projection writes h into `h_slots` (default: `packed` itself, in place)."""
+    stage. The blocked up-projection writes h into `packed` itself, or with `in_place=False` into a
+    new buffer (so that `packed` can be used again, as the benchmarks do)."""
     cfg = config or current_config()
-    n, d_model = x2d.shape
+    d_model = x2d.shape[1]
     if (w_up is not None and not cfg.scan
             and up_blocked_supported(x2d.device, d_model, gate.shape[1], tile, packed.shape[-1], cfg)):
-        h_slots = twell_up_blocked(x2d, counts, packed, w_up, tile, out=packed if h_slots is None else h_slots, config=cfg)
+        h_slots = twell_up_blocked(x2d, counts, packed, w_up, tile, out=packed if in_place else None, config=cfg)
         return twell_ffn_packed(x2d, gate, counts, h_slots, w_up, w_down_t, tile, config=cfg, order=order, hslots=True)
     return twell_ffn_packed(x2d, gate, counts, packed, w_up, w_down_t, tile, config=cfg, order=order)
 

@@ -34,7 +34,7 @@ for level in levels:
             y = twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt)
             err = ((y.float() - ref).norm() / ref.norm()).item()
             t_all = bench(lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt))
-            t_sparse = bench(lambda: twell.twell_sparse_stage(x, gate, counts, packed, wu, w_dt, config=cfg, h_slots=h_slots))
+            t_sparse = bench(lambda: twell.twell_sparse_stage(x, gate, counts, packed, wu, w_dt, config=cfg, in_place=False))
             t_up = bench(lambda: twell.twell_up_blocked(x, counts, packed, wu, out=h_slots, config=cfg)) if on else float("nan")
             res.setdefault(on, []).append((t_all, t_sparse, t_up, err))
     twell.set_default_config(None)
