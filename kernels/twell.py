@@ -52,6 +52,7 @@ class FusedConfig:
     grid_fill: float = 1.0  # fraction of the resident blocks the persistent fused grid uses
     passes: int = 0  # neuron passes of the fused stage (0: enough for each pass's rows to fit L2)
     pass_l2_factor: float = 1.0  # auto passes: weight bytes per pass <= factor x L2 size
+    pass_partial16: int = 1  # passes hand on the rounded 16-bit y (0: float32 partial sums; NOTES_twell v8)
     lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, argsort on device)
     gate_kernel: int = 1  # sm_90a: gate GEMM with ReLU + pack in its epilogue (twell_gate.cu); 0: cuBLAS + pack
     gate_stages: int = 4  # shared-memory pipeline depth of twell_gate.cu (48 KB a stage; 4 at most)
@@ -94,12 +95,12 @@ def current_config() -> FusedConfig:
 # mean active count over the 99.5 / 98.9 / 98 / 95 % levels of `python -m sparse_llm.kernels.bench
 # inference` (131072 tokens, bf16). Source of each number: NOTES_twell.md (device, date).
 MEASURED_CROSSOVER: dict[tuple[int, int], float] = {
-    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24, gate stage twell_gate.cu v5:
-    # kernels/results/bench_v5_h100.log
-    (2048, 5632): 0.01353,  # 76.2 active / token
-    (2048, 8192): 0.01245,  # 102.0
-    (4096, 11008): 0.00992,  # 109.2 (4 neuron passes: the weights are 3.4x L2)
-    (1024, 2816): 0.01659,  # 46.7
+    # H100 80GB HBM3 (nvidia-h100-x1), bf16, 131072 tokens, 2026-11-24, gate stage twell_gate.cu v5,
+    # passes handing on 16-bit partials (v8): kernels/results/bench_v8_h100.log
+    (2048, 5632): 0.01382,  # 77.8 active / token
+    (2048, 8192): 0.01260,  # 103.2 (2 neuron passes)
+    (4096, 11008): 0.01081,  # 119.0 (4 neuron passes: the weights are 3.4x L2)
+    (1024, 2816): 0.01661,  # 46.8
 }
 # Used only if the table above is empty: DESIGN.md section 6's estimate (~60 active / 5632).
 FALLBACK_CROSSOVER = 0.0100
@@ -541,9 +542,13 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     per_pass = -(-nt // passes)
     passes = -(-nt // per_pass)
     work = torch.zeros(passes, dtype=torch.int32, device=x2d.device)
-    y_acc = torch.empty(n, d_model, dtype=torch.float32, device=x2d.device) if passes > 1 else None
+    float_partials = passes > 1 and not cfg.pass_partial16
+    y_acc = torch.empty(n, d_model, dtype=torch.float32, device=x2d.device) if float_partials else None
     for p in range(passes):
-        flags = (1 if p > 0 else 0) | (2 if p < passes - 1 else 0)
+        if float_partials:
+            flags = (1 if p > 0 else 0) | (2 if p < passes - 1 else 0)
+        else:
+            flags = 4 if p > 0 else 0
         args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y), ptr(y_acc),
                 np.uint64(work.data_ptr() + 4 * p), ptr(order), np.int32(n), np.int32(d_ff), np.int32(p * per_pass),
                 np.int32(min(nt, (p + 1) * per_pass)), np.int32(flags))

@@ -22,8 +22,8 @@
 // token (hundreds of active units) never holds up other tokens' slots; with `order` (tokens sorted
 // by active count, heaviest first) the heavy tokens start first and the tail stays short. Neuron passes: only tiles
 // [tile_begin, tile_end) are walked; flags bit 0 starts from the float32 partial sums in y_acc
-// instead of zero, bit 1 writes the sums to y_acc instead of the rounded y (so a large FFN can run
-// in passes whose weight rows fit in L2).
+// instead of zero, bit 1 writes the sums to y_acc instead of the rounded y, bit 2 starts from the
+// rounded y of the previous pass (so a large FFN can run in passes whose weight rows fit in L2).
 #include "twell_common.cuh"
 
 #ifndef TW_DMODEL
@@ -252,7 +252,14 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
       for (int i = 0; i < VPL; ++i) {
         const int v = lane + 32 * i;
         xr[i] = (FULLV || v < NVS) ? tw_ld16(xv + v, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
-        if ((flags & 1) && (FULLV || v < NVS)) {
+        if ((flags & 4) && (FULLV || v < NVS)) {
+          const uint4 p = tw_ld16(reinterpret_cast<const uint4*>(y + t * DM + wt * DS) + v, pol_stream);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            acc[i][2 * q] = tw_lo(tw_word(p, q));
+            acc[i][2 * q + 1] = tw_hi(tw_word(p, q));
+          }
+        } else if ((flags & 1) && (FULLV || v < NVS)) {
           const float4 a = av[2 * v], b = av[2 * v + 1];
           acc[i][0] = a.x; acc[i][1] = a.y; acc[i][2] = a.z; acc[i][3] = a.w;
           acc[i][4] = b.x; acc[i][5] = b.y; acc[i][6] = b.z; acc[i][7] = b.w;

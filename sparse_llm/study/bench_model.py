@@ -16,7 +16,10 @@ calibration micro-batch, so the timed steps run at the given activity (at 1e-7 t
 layers fell from 29 to 2-10 active units in 12 steps: kernels/experiments/calib_check.py; other
 micro-batches than the calibration one differ by about +-30% a layer, up to 43-82 units in the 1.5B
 model's last layers: kernels/experiments/row_lengths.py). The result's `timed_layer_active` is what
-the timed steps measured. One micro-batch (model.micro_batch_size x seq_len tokens) per step.
+the timed steps measured. One micro-batch (micro_batch_size x seq_len tokens) per GPU a step, or
+`--micro-batches N` accumulated into each optimizer step: the optimizer's update and the gradient
+clipping, the same for dense and sparse, then weigh 1/N as much per token. The 2B recipe
+(tokens_per_step 1048576) on a node of 8 GPUs takes 8 micro-batches of 8 x 2048 per GPU a step.
 Each configuration runs in its own process (clean memory statistics).
 """
 from __future__ import annotations
@@ -118,7 +121,8 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
-def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: str | None = None) -> dict:
+def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: str | None = None,
+            micro_batches: int = 1) -> dict:
     from sparse_llm.config import compose_config, validate
     from sparse_llm.parallel.distributed import init_distributed, shutdown
     from sparse_llm.train.energy import EnergyMeter, EnergyUnavailable, nvml_energy_reader
@@ -133,7 +137,7 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
             f"logging.interval={warmup + steps}", "optim.lr=1e-12", "schedule.warmup_steps=0",
             "telemetry.energy=false"])
         world = init_distributed("cuda")
-        cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len * world.size  # one micro-batch a step
+        cfg.tokens_per_step = micro_batches * cfg.micro_batch_size * cfg.model.seq_len * world.size
         validate(cfg, world.size)
         trainer = build_trainer(cfg, world)
         batch = trainer.train_loader.next_batch()  # a whole micro-batch: sequences differ
@@ -161,7 +165,8 @@ def run_one(overrides: list[str], steps: int, warmup: int, active: float, keep: 
         train_tokens = steps * cfg.tokens_per_step  # all GPUs
         train_mj = _sum_over_ranks(marks[warmup + steps][1], world.device)
         result = {
-            "overrides": overrides, "gpus": world.size, "train_tokens_per_s": train_tokens / train_s / world.size,
+            "overrides": overrides, "gpus": world.size, "micro_batches": micro_batches,
+            "train_tokens_per_s": train_tokens / train_s / world.size,
             "train_peak_gib": _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30, world.device),
             # > 0: the allocator ran out, freed its cache and retried (a memory-starved, slower step)
             "alloc_retries": _max_over_ranks(torch.cuda.memory_stats().get("num_alloc_retries", 0), world.device),
@@ -242,13 +247,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--active", type=float, default=29.0, help="mean active units per token (sparse variants)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches accumulated per GPU into each timed optimizer step")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run each configuration on")
     parser.add_argument("--keep", help="keep each run directory under this folder (e.g. with telemetry.profile_steps=3)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write all results to this file")
     args, overrides = parser.parse_known_args(argv)
+    if args.micro_batches < 1:
+        parser.error(f"--micro-batches={args.micro_batches}: give 1 or more micro-batches a step")
     if args.one:
-        result = run_one(overrides, args.steps, args.warmup, args.active, args.keep)
+        result = run_one(overrides, args.steps, args.warmup, args.active, args.keep, args.micro_batches)
         if os.environ.get("RANK", "0") == "0":
             print("RESULT " + json.dumps(result), flush=True)
         return
@@ -270,7 +279,7 @@ def _run_configuration(model: str, variant: str, gpus: int, args, overrides: lis
     from sparse_llm.study.multi_gpu import launch_env, launcher
 
     cmd = [*launcher(gpus), "-m", "sparse_llm.study.bench_model", "--one", f"--steps={args.steps}", f"--warmup={args.warmup}",
-           f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
+           f"--micro-batches={args.micro_batches}", f"--active={args.active}", f"model={model}", *VARIANTS[variant], *overrides]
     if args.keep:
         cmd.append(f"--keep={Path(args.keep) / f'{model}-{variant}-{gpus}gpu'}")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env())
@@ -295,7 +304,8 @@ def _row_text(row: dict, rows: list[dict]) -> str:
     retries = f" alloc retries {row['alloc_retries']:.0f}" if row.get("alloc_retries") else ""
     train_energy = row.get("train_mj_per_token")
     train_energy_text = "" if train_energy is None else f"{train_energy:.3f} mJ/tok ({ratio('train_mj_per_token')}) "
-    return (f"{row['model']:>5} {row['variant']:>13} {gpus}gpu | train {row['train_tokens_per_s']:>9.0f} tok/s/gpu "
+    accumulated = f" x{row['micro_batches']}mb" if row.get("micro_batches", 1) > 1 else ""
+    return (f"{row['model']:>5} {row['variant']:>13} {gpus}gpu{accumulated} | train {row['train_tokens_per_s']:>9.0f} tok/s/gpu "
             f"({ratio('train_tokens_per_s')}){scaling} "
             f"peak {row['train_peak_gib']:5.1f} GiB ({ratio('train_peak_gib')}){retries} {train_energy_text}"
             f"mfu {row['mfu'] or 0:.3f} active {row['active_per_token'] or 0:.1f} | forward "

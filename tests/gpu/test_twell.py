@@ -191,7 +191,8 @@ def test_scan_variant_and_configs():
                     twell.FusedConfig(group=2, regs=168, prefetch=0), twell.FusedConfig(passes=3, grid_fill=0.3),
                     twell.FusedConfig(passes=2, scan=1, pack_unroll=8), twell.FusedConfig(up_blocked=1),
                     twell.FusedConfig(up_blocked=1, up_tokens=32),
-                    twell.FusedConfig(up_blocked=1, up_tokens=200, passes=2)]:
+                    twell.FusedConfig(up_blocked=1, up_tokens=200, passes=2),
+                    twell.FusedConfig(passes=3, pass_partial16=1), twell.FusedConfig(passes=2, pass_partial16=1, scan=1)]:
             twell.set_default_config(cfg)
             y = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
             assert rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
@@ -205,13 +206,35 @@ def test_lpt_order_and_passes():
     ref = ffn_reference_fp32(syn.x, syn.w_gate, syn.w_up, syn.w_down)
     try:
         for cfg in [twell.FusedConfig(lpt=0), twell.FusedConfig(lpt=1, passes=2, grid_fill=0.5),
-                    twell.FusedConfig(lpt=1, passes=3, slice_width=512, regs=96)]:
+                    twell.FusedConfig(lpt=1, passes=3, slice_width=512, regs=96),
+                    twell.FusedConfig(lpt=1, passes=2, pass_partial16=1)]:
             twell.set_default_config(cfg)
             y, stats = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down, slots=8, return_stats=True)
             assert torch.isfinite(y).all() and rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
             _assert_stats(stats, syn.x, syn.w_gate, 256, 8, seed)
     finally:
         twell.set_default_config(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_passes_from_16bit_partials_match_float32_partials(dtype):
+    # pass_partial16 rounds each pass's partial y once more: within one 16-bit rounding of the
+    # float32-partials result, and within the usual tolerance of the float32 reference
+    seed = _seed()
+    syn = make_synthetic_ffn(3001, 2048, 5632, 29, 0.2, dtype, DEV, seed)
+    ref = ffn_reference_fp32(syn.x, syn.w_gate, syn.w_up, syn.w_down)
+    outputs = {}
+    try:
+        for partial16 in (0, 1):
+            twell.set_default_config(twell.FusedConfig(passes=3, pass_partial16=partial16))
+            outputs[partial16] = twell.twell_ffn(syn.x, syn.w_gate, syn.w_up, syn.w_down)
+    finally:
+        twell.set_default_config(None)
+    for y in outputs.values():
+        assert rel(y, ref) < 1e-2, f"seed {seed}"
+    eps = torch.finfo(dtype).eps
+    diff = (outputs[1].float() - outputs[0].float()).abs()
+    assert (diff <= 3 * eps * ref.abs() + 1e-3 * ref.abs().max()).all(), f"seed {seed}: {diff.max()}"
 
 
 @pytest.mark.parametrize("lpt", [0, 1])

@@ -78,6 +78,8 @@ def test_result_lines_give_ratios_against_dense_and_scaling_against_one_gpu():
     assert "alloc retries" not in "".join(lines)
     starved = dict(rows[0], alloc_retries=3.0)
     assert "peak  46.0 GiB (1.000x) alloc retries 3 " in _row_text(starved, [starved])
+    accumulated = dict(rows[0], micro_batches=8)
+    assert "1gpu x8mb | train" in _row_text(accumulated, [accumulated]) and "mb |" not in lines[0]
 
 
 def test_forward_timing_window_is_long_enough_for_the_energy_counter():
