@@ -17,6 +17,7 @@ KERNELS = ("torch", "twell", "hybrid", "auto")
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 AC_MODES = ("none", "full", "selective")
+GRAD_SYNC_MODES = ("auto", "every", "last")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -97,6 +98,9 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each block
     replicate: int = 1  # HSDP: world = replicate x shard; 1 = FSDP over all ranks
     reshard_after_forward: bool = True  # every block but the last, whose backward comes first
+    # gradient accumulation: reduce gradients after every micro-batch, or only after a step's last one
+    # (the others accumulate unsharded float32 gradients); auto = last on a world of one
+    grad_sync: str = "auto"
 
 
 @dataclass
@@ -240,6 +244,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _choice("parallel.activation_checkpointing", cfg.parallel.activation_checkpointing, AC_MODES)
     _positive("parallel.selective_every", cfg.parallel.selective_every)
     _positive("parallel.replicate", cfg.parallel.replicate)
+    _choice("parallel.grad_sync", cfg.parallel.grad_sync, GRAD_SYNC_MODES)
     _require(world_size % cfg.parallel.replicate == 0,
              f"parallel.replicate={cfg.parallel.replicate} must divide the world size {world_size}")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)

@@ -66,6 +66,24 @@ def apply_parallelism(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, p
     return model
 
 
+def defers_grad_sync(cfg: ParallelConfig, world_size: int) -> bool:
+    """parallel.grad_sync: `last`, or `auto` on a world of one, where the unsharded gradients are no
+    larger than the sharded ones."""
+    return cfg.grad_sync == "last" or (cfg.grad_sync == "auto" and world_size == 1)
+
+
+def set_grad_sync(model: nn.Module, sync: bool, keep_unsharded: bool) -> None:
+    """Set before each micro-batch when gradient sync is deferred. `sync=False`: the backward adds its
+    gradients to unsharded float32 ones instead of reduce-scattering them, and with `keep_unsharded`
+    the parameters stay unsharded for the next micro-batch's forward (pass it only when they are
+    unsharded through forward and backward anyway, i.e. parallel.reshard_after_forward=false: else
+    the forward would hold every block's parameters). The step's last micro-batch (`sync=True`)
+    reduces the sum once."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        model.set_reshard_after_backward(sync or not keep_unsharded)
+
+
 def reshard(model: nn.Module) -> None:
     """Put every FSDP2 module of `model` back in its sharded state. The last block and the root stay
     unsharded after a forward (their backward comes first); a forward with no backward after it

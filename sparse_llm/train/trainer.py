@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from sparse_llm.config import TrainConfig
 from sparse_llm.model.flops import flops_per_token
 from sparse_llm.parallel.distributed import World, all_reduce_sum
-from sparse_llm.parallel.fsdp import reshard
+from sparse_llm.parallel.fsdp import defers_grad_sync, reshard, set_grad_sync
 from sparse_llm.sparsity.l1 import l1_coefficient
 from sparse_llm.sparsity.stats import SparsityStats
 from sparse_llm.train import checkpoint
@@ -99,6 +99,7 @@ class Trainer:
         self.tokens_seen = 0
         self.device = world.device
         self.token_normalizer = cfg.tokens_per_step / world.size
+        self.defer_grad_sync = self.grad_accum > 1 and defers_grad_sync(cfg.parallel, world.size)
         self.stats = SparsityStats(cfg.model.n_layers, cfg.model.d_ff, world.device)
         self.flops_per_token = flops_per_token(cfg.model, cfg.sparsity.ffn)
         self.last_metrics: dict[str, float] = {}
@@ -190,7 +191,10 @@ class Trainer:
         l1_coef = l1_coefficient(cfg.sparsity.l1, self.step, cfg.sparsity.l1_warmup_steps)
         ce_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         l1_term = torch.zeros((), device=self.device, dtype=torch.float64)
-        for _ in range(self.grad_accum):
+        for index in range(self.grad_accum):
+            if self.defer_grad_sync:
+                set_grad_sync(self.model, sync=index == self.grad_accum - 1,
+                              keep_unsharded=not cfg.parallel.reshard_after_forward)
             data_start = time.perf_counter()
             inputs, targets = self.train_loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)

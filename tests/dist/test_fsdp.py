@@ -53,3 +53,20 @@ def test_hsdp_on_four_ranks_matches_one(tmp_path, tiny_corpus):
     one, hsdp = losses(tmp_path / "one"), losses(tmp_path / "hsdp")
     for step in one:
         assert hsdp[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+@pytest.mark.slow
+def test_gradient_sync_once_a_step_matches_every_micro_batch(tmp_path, tiny_corpus):
+    # parallel.grad_sync=last: the micro-batches before a step's last accumulate unsharded gradients
+    # and reduce once (2 ranks x 2 micro-batches here), with the parameters kept unsharded between
+    # them when reshard_after_forward=false; the losses must follow gradient sync every micro-batch
+    import train
+
+    assert train.main(args_for(tmp_path, tiny_corpus, "every", "max_steps=4", "parallel.grad_sync=every")) == 0
+    for name, extra in (("last", []), ("last_unsharded", ["parallel.reshard_after_forward=false"])):
+        assert run_world(2, args_for(tmp_path, tiny_corpus, name, "max_steps=4", "parallel.grad_sync=last",
+                                     *extra)) == [0, 0]
+        every, last = losses(tmp_path / "every"), losses(tmp_path / name)
+        assert sorted(last) == [1, 2, 3, 4]
+        for step in every:
+            assert last[step] == pytest.approx(every[step], rel=1e-4), (name, step)

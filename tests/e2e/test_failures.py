@@ -155,3 +155,39 @@ def test_callbacks_after_an_eval_step_see_sharded_parameters(tmp_path, tiny_corp
     finally:
         shutdown()
     assert isinstance(seen["weight"], DTensor) and isinstance(seen["embed"], DTensor)
+
+
+@pytest.mark.parametrize("reshard_after_forward", ["true", "false"])
+def test_deferred_gradient_sync_reduces_once_a_step_and_matches(tmp_path, tiny_corpus, reshard_after_forward):
+    from torch.distributed.tensor import DTensor
+
+    # on a world of one, grad_sync=auto reduces the accumulated gradients after a step's last
+    # micro-batch only: the sharded .grad stays unset before it, and the step is the one that
+    # reducing after every micro-batch gives
+    class GradSeen(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_micro_batch_end(self, trainer, output):
+            # reduced gradients live on the sharded (DTensor) parameters; with the parameters kept
+            # unsharded between micro-batches the module shows its unsharded tensors instead
+            self.seen.append(any(isinstance(p, DTensor) and p.grad is not None for p in trainer.model.parameters()))
+
+    params, seen = {}, {}
+    for mode in ("every", "auto"):
+        trainer = build(tmp_path, tiny_corpus, "max_steps=2", "tokens_per_step=2048", "logging.interval=1",
+                        f"parallel.grad_sync={mode}", f"parallel.reshard_after_forward={reshard_after_forward}",
+                        name=f"sync_{mode}_{reshard_after_forward}")
+        spy = GradSeen()
+        trainer.callbacks.append(spy)
+        try:
+            trainer.fit()
+            params[mode] = [p.full_tensor().clone() for p in trainer.model.parameters()]
+        finally:
+            trainer.logger.close()
+            shutdown()
+        seen[mode] = spy.seen
+    assert seen["every"] == [True] * 8  # 4 micro-batches a step
+    assert seen["auto"] == [False, False, False, True] * 2
+    for every, auto in zip(params["every"], params["auto"]):
+        torch.testing.assert_close(auto, every, rtol=1e-5, atol=1e-6)

@@ -52,6 +52,7 @@ def test_command_line_override_reaches_the_dataclass():
     (["optim.lr=0"], "optim.lr"),
     (["logging.wandb.mode=sometimes"], "logging.wandb.mode"),
     (["run_name=a/b"], "run_name"),
+    (["parallel.grad_sync=sometimes"], "parallel.grad_sync"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
