@@ -13,13 +13,14 @@ hysteresis, on the device; the host reads the decision only when it synchronises
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from sparse_llm.kernels import hybrid_reference as ref
-from sparse_llm.kernels.loader import device_properties, launch
+from sparse_llm.kernels.loader import device_properties, launch, resident_blocks
 
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
@@ -29,6 +30,10 @@ _DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
 DW_SPLIT_TOKENS = 512
+# hy_dw: the running items walk their units' tokens from a common position (hybrid.cu, "Token sweep"),
+# so that they read the same x and dy rows at about the same time; False (or the environment's
+# SPARSE_LLM_DW_SWEEP=0, for A/B runs of whole models) walks each from token 0.
+DW_SWEEP = os.environ.get("SPARSE_LLM_DW_SWEEP", "1") != "0"
 # hy_forward and hy_dx: up to SPLIT_ROWS rows with at least SPLIT_ROW_UNITS active units (the longest)
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
@@ -229,17 +234,22 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
     part = DW_SPLIT_TOKENS
-    item_start = torch.empty(d_ff + 1, dtype=torch.int32, device=dev)
+    item_start = torch.empty(d_ff + 3, dtype=torch.int32, device=dev)  # + active pairs, sweep progress
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
            (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
-    grid = d_ff + 4 * device_properties(dev).multi_processor_count  # items past d_ff: split units
-    launch(_kernel("hy_dw", dev, d_model, gated, dt), (grid,), (threads,),
+    sms = device_properties(dev).multi_processor_count
+    grid = d_ff + 4 * sms  # items past d_ff: split units
+    dw = _kernel("hy_dw", dev, d_model, gated, dt)
+    dw_shared = _DW_STAGES * _DW_BATCH * 2 * threads * 16
+    sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
+    launch(dw, (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-            ptr(acc), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d)),
-           shared_mem=_DW_STAGES * _DW_BATCH * 2 * threads * 16)
+            ptr(acc), np.uint64(item_start.data_ptr() + 4 * (d_ff + 2)), i32(sweep), i32(part), i32(n),
+            i32(d_ff), i32(width), i32(width_d)),
+           shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:

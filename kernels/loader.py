@@ -124,6 +124,23 @@ def launch(kernel, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, s
 _SHARED_MEM_LIMIT: dict[int, int] = {}  # id(kernel function) -> dynamic shared memory limit already set
 
 
+def resident_blocks(kernel, threads: int, shared_mem: int = 0) -> int:
+    """CTAs of `kernel` that one SM runs at once with `threads` threads and `shared_mem` bytes of
+    dynamic shared memory (the driver's occupancy calculator; asked once per configuration)."""
+    key = (id(kernel), threads, shared_mem)
+    if key not in _RESIDENT_BLOCKS:
+        from cupy.cuda import driver
+
+        allow_shared_mem(kernel, shared_mem)
+        function = getattr(kernel, "kernel", kernel)  # CuPy RawKernel -> its driver Function
+        _RESIDENT_BLOCKS[key] = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            function.ptr, threads, shared_mem))
+    return _RESIDENT_BLOCKS[key]
+
+
+_RESIDENT_BLOCKS: dict[tuple[int, int, int], int] = {}
+
+
 _CUPY_STREAMS: dict[int, object] = {}  # raw cudaStream_t -> CuPy's view of it
 
 

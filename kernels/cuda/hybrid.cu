@@ -560,6 +560,14 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // stream through a DW_NS-stage cp.async pipeline into thread-private shared memory, DW_BT tokens
 // a batch. A unit of one item writes its dW rows; the items of a split unit add float32 partial
 // rows into ACC (zeroed by hy_dw_zero) and hy_dw_finish writes those units' rows.
+// Token sweep (`sweep` > 0, the number of CTAs running at once): x and dy (N x 4 KB each at d 2048)
+// do not fit L2, and every unit's tokens are spread over all N. Walked from token 0, the running
+// items drift apart and read all of x and dy at once. So a one-item unit starts its walk at the
+// token where the running items are now: the position a walk would have reached if every item had
+// started at the kernel's start, i.e. the pairs done by all CTAs (`progress`) over the pairs all of
+// them do in one average item (sweep x pairs / items), modulo 1, times N; it then wraps around. The
+// running items so walk through the same tokens together. Only the order changes: every token of the
+// unit is still visited once.
 
 __device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
   tw_u32 r;
@@ -591,7 +599,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
       tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      float* __restrict__ ACC, int S, int N, int FF, int W, int WD) {
+      float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ int s_rank[DW_CAP];
@@ -599,7 +607,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
   __shared__ float s_part[DW_WARPS][3 * DW_BT];
   __shared__ float s_coef[DW_BT][3];
   __shared__ int s_wsum[DW_WARPS];
-  volatile __shared__ int s_range[4];  // lo, hi, items of the unit, unit
+  volatile __shared__ int s_range[5];  // lo, hi, items of the unit, unit, first word of the walk
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
@@ -615,6 +623,14 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
     s_range[2] = n_items;
     s_range[3] = unit;
+    int first_word = 0;
+    if (sweep > 0 && n_items == 1) {  // split units keep token order: their items share one list
+      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF), 1);
+      float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
+      phase -= floorf(phase);
+      first_word = min((int)(phase * (float)WC), WC - 1);
+    }
+    s_range[4] = first_word;
   }
   __syncthreads();
   const int j = s_range[3];
@@ -646,8 +662,9 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
-      const int wi = cw + tid * DW_WPT + q;
-      words[q] = (wi < WC) ? __ldg(mc + wi) : 0u;
+      const int wr = cw + tid * DW_WPT + q;  // position in the walk; word wi of the bitmask
+      const int wi = wr + s_range[4] < WC ? wr + s_range[4] : wr + s_range[4] - WC;
+      words[q] = (wr < WC) ? __ldg(mc + wi) : 0u;
       cnt += __popc(words[q]);
     }
     int incl = tw_warp_scan(cnt, lane);
@@ -674,10 +691,12 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 #pragma unroll
         for (int q = 0; q < DW_WPT; ++q) {
           tw_u32 wq = words[q];
+          const int wr = cw + tid * DW_WPT + q;
+          const int wi = wr + s_range[4] < WC ? wr + s_range[4] : wr + s_range[4] - WC;
           while (wq) {
             const int bit = __ffs(wq) - 1;
             wq &= wq - 1u;
-            if (p >= base && p < base + m) s_tok[p - base] = ((cw + tid * DW_WPT + q) << 5) + bit;
+            if (p >= base && p < base + m) s_tok[p - base] = (wi << 5) + bit;
             ++p;
           }
         }
@@ -799,6 +818,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
         s_coef[k][2] = h;
         if (rank < WD) ell_d[(size_t)t * WD + rank] = hy_f2(dg, du);
       }
+      if (tid == 0 && sweep > 0) atomicAdd(progress, kn);
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
@@ -838,14 +858,29 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 }
 
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
-// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items.
+// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then the active
+// pairs (item_start[FF + 1]) and hy_dw's sweep progress counter, zeroed (item_start[FF + 2]).
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 
 extern "C" __global__ void __launch_bounds__(1024)
 hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int part) {
   __shared__ int warp_sums[32];
-  for (int j = threadIdx.x; j <= FF; j += 1024) item_start[j] = j < FF ? hy_unit_items(__ldg(neuron_counts + j), part) : 0;
+  __shared__ int s_pairs;
+  if (threadIdx.x == 0) s_pairs = 0;
+  int pairs = 0;
+  for (int j = threadIdx.x; j <= FF; j += 1024) {
+    const int count = j < FF ? __ldg(neuron_counts + j) : 0;
+    item_start[j] = j < FF ? hy_unit_items(count, part) : 0;
+    pairs += count;
+  }
+  for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
   tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
+  if (threadIdx.x == 0) {
+    item_start[FF + 1] = s_pairs;
+    item_start[FF + 2] = 0;
+  }
 }
 
 // hy_dw_zero / hy_dw_finish: CTA per unit, DW_THR threads; only the units split over several items.

@@ -191,6 +191,24 @@ def test_dw_split_units(split, monkeypatch):
     check_case(*make_inputs(3000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=8)
 
 
+@pytest.mark.parametrize("n,mean_active", [(1000, 10), (40000, 4)])
+def test_dw_token_sweep_changes_only_the_order(n, mean_active, monkeypatch):
+    # hy_dw walks a one-item unit's tokens from the running items' common position (wrapping around)
+    # instead of from token 0: the same pairs, summed in another order. Against the float32
+    # reference either way, and the two within float32 reordering of each other; 40000 tokens take
+    # more than one round of column-bitmask words (~310 tokens a unit: one item each)
+    from sparse_llm.kernels import hybrid
+
+    inputs = make_inputs(n, 256, 512, torch.bfloat16, mean_active=mean_active, adversarial=True)
+    results = {}
+    for sweep in (False, True):
+        monkeypatch.setattr(hybrid, "DW_SWEEP", sweep)
+        check_case(*inputs, width=4)
+        results[sweep] = run_ours(*inputs, 0.05, 4)[4]
+    for a, b in zip(results[True], results[False]):
+        assert rel(a, b) < 1e-4
+
+
 @pytest.mark.parametrize("rows,units", [(1 << 20, 0), (3, 16), (256, 128), (64, 1 << 30)])
 def test_split_rows(rows, units, monkeypatch):
     # hy_forward and hy_dx with long rows split over ROW_PARTS warps: every row (empty ones too),
