@@ -59,3 +59,12 @@ def make_synthetic_ffn(
     w_gate[:, 0] = -threshold
     cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
     return SyntheticFFN(cast(x), cast(w_gate), cast(w_up), cast(w_down))
+
+
+def make_experiment_case(tokens: int, d_model: int, d_ff: int, level: float,
+                         dtype: torch.dtype = torch.bfloat16) -> tuple[SyntheticFFN, str]:
+    """The experiment scripts' case: `level` active units per token on CUDA (negative: a heavy tail
+    with that mean), seed 0, and its label."""
+    tail = 0.2 if level < 0 else 0.0
+    syn = make_synthetic_ffn(tokens, d_model, d_ff, abs(level), tail, dtype, "cuda", 0)
+    return syn, f"mean active {abs(level):.0f}{' heavy tail' if tail else ''}"

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sparse_llm.kernels import twell
 from sparse_llm.kernels.reference import ffn_reference, ffn_reference_fp32
-from sparse_llm.kernels.synthetic import make_synthetic_ffn
+from sparse_llm.kernels.synthetic import make_experiment_case
 
 argv = sys.argv[1:]
 d_model, d_ff = 2048, 5632
@@ -59,18 +59,17 @@ def timeline(fn, label: str) -> None:
 
 
 for level in levels:
-    tail = 0.2 if level < 0 else 0.0
-    syn = make_synthetic_ffn(tokens, d_model, d_ff, abs(level), tail, torch.bfloat16, "cuda", 0)
+    syn, label = make_experiment_case(tokens, d_model, d_ff, level)
     x, wg, wu, wd = syn.x, syn.w_gate, syn.w_up, syn.w_down
     w_dt = wd.t().contiguous()
     ref = ffn_reference_fp32(x, wg, wu, wd)
-    print(f"--- {d_model}x{d_ff}, {tokens} tokens, mean active {abs(level):.0f}{' heavy tail' if tail else ''}", flush=True)
+    print(f"--- {d_model}x{d_ff}, {tokens} tokens, {label}", flush=True)
     timeline(lambda: ffn_reference(x, wg, wu, wd), "dense eager")
-    for label, config in variants.items():
+    for name, config in variants.items():
         twell.set_default_config(config)
         y = twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt)
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        timeline(lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt), f"TwELL {label} (rel. error {err:.2e})")
+        timeline(lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt), f"TwELL {name} (rel. error {err:.2e})")
     twell.set_default_config(None)
     del syn, x, wg, wu, wd, w_dt, ref, y
     torch.cuda.empty_cache()

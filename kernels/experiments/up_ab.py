@@ -11,15 +11,14 @@ from triton.testing import do_bench
 
 from sparse_llm.kernels import twell
 from sparse_llm.kernels.reference import ffn_reference, ffn_reference_fp32
-from sparse_llm.kernels.synthetic import make_synthetic_ffn
+from sparse_llm.kernels.synthetic import make_experiment_case
 
 tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
 levels = [float(a) for a in sys.argv[2:]] or [29.0, 61.0, -29.0]  # negative: heavy tail at that mean
 d_model, d_ff = 2048, 5632
 bench = lambda fn: do_bench(fn, warmup=25, rep=150, return_mode="median")  # noqa: E731
 for level in levels:
-    tail = 0.2 if level < 0 else 0.0
-    syn = make_synthetic_ffn(tokens, d_model, d_ff, abs(level), tail, torch.bfloat16, "cuda", 0)
+    syn, label = make_experiment_case(tokens, d_model, d_ff, level)
     x, wg, wu, wd = syn.x, syn.w_gate, syn.w_up, syn.w_down
     w_dt = wd.t().contiguous()
     ref = ffn_reference_fp32(x, wg, wu, wd)
@@ -43,7 +42,7 @@ for level in levels:
     print(f"  up kernel alone by up_tokens: {by_tokens}", flush=True)
     t_dense = bench(lambda: ffn_reference(x, wg, wu, wd))
     med = {on: [sorted(r[i] for r in rows)[1] for i in range(4)] for on, rows in res.items()}
-    print(f"{d_model}x{d_ff} {tokens} tok, mean active {abs(level):.0f}{' heavy' if tail else ''}: dense {t_dense:.2f} ms | "
+    print(f"{d_model}x{d_ff} {tokens} tok, {label}: dense {t_dense:.2f} ms | "
           f"up on: total {med[1][0]:.2f} ({t_dense / med[1][0]:.3f}x) sparse stage {med[1][1]:.2f} (up {med[1][2]:.2f}) err {med[1][3]:.1e} | "
           f"up off: total {med[0][0]:.2f} ({t_dense / med[0][0]:.3f}x) sparse stage {med[0][1]:.2f} err {med[0][3]:.1e}  rounds {res}",
           flush=True)
