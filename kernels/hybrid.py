@@ -244,10 +244,11 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     dw = _kernel("hy_dw", dev, d_model, gated, dt)
     dw_shared = _DW_STAGES * _DW_BATCH * 2 * threads * 16
     sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
+    progress = item_start[d_ff + 2:]  # the sweep's pair counter, zeroed by hy_dw_plan
     launch(dw, (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-            ptr(acc), np.uint64(item_start.data_ptr() + 4 * (d_ff + 2)), i32(sweep), i32(part), i32(n),
+            ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
             i32(d_ff), i32(width), i32(width_d)),
            shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
