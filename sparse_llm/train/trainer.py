@@ -192,9 +192,9 @@ class Trainer:
         ce_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         l1_term = torch.zeros((), device=self.device, dtype=torch.float64)
         for index in range(self.grad_accum):
-            if self.defer_grad_sync:
-                set_grad_sync(self.model, sync=index == self.grad_accum - 1,
-                              keep_unsharded=not cfg.parallel.reshard_after_forward)
+            last = index == self.grad_accum - 1
+            if self.defer_grad_sync and (index == 0 or last):  # the setting holds until changed
+                set_grad_sync(self.model, sync=last, keep_unsharded=not cfg.parallel.reshard_after_forward)
             data_start = time.perf_counter()
             inputs, targets = self.train_loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)
