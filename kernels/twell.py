@@ -54,6 +54,11 @@ class FusedConfig:
     pass_l2_factor: float = 1.0  # auto passes: weight bytes per pass <= factor x L2 size
     pass_partial16: int = 1  # passes hand on the rounded 16-bit y (0: float32 partial sums; NOTES_twell v8)
     lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, argsort on device)
+    # with lpt: up to split_rows rows of at least split_units active units (the longest) are walked in
+    # row_parts parts by as many teams, their float32 partial rows added in part order afterwards
+    split_rows: int = 256
+    split_units: int = 128
+    row_parts: int = 8
     gate_kernel: int = 1  # sm_90a: gate GEMM with ReLU + pack in its epilogue (twell_gate.cu); 0: cuBLAS + pack
     gate_stages: int = 4  # shared-memory pipeline depth of twell_gate.cu (48 KB a stage; 4 at most)
     gate_cluster: int = 2  # CTAs of twell_gate.cu that share (multicast) each Wg tile: 1, 2 or 4
@@ -176,7 +181,8 @@ def fused_defines(d_model: int, tile: int, slots: int, gated: bool, dtype: torch
     block = cfg.block(d_model)
     defines = dict(TW_DMODEL=d_model, TW_TILE=tile, TW_SLOTS=slots, TW_GATED=int(gated), TW_DTYPE=_dtype_code(dtype),
                    TW_TEAM=cfg.team(d_model), TW_BLOCK=block, TW_MINB=max(1, 65536 // (block * cfg.regs)),
-                   TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch)
+                   TW_GROUP=cfg.group, TW_HINTS=cfg.hints, TW_SCAN=cfg.scan, TW_PREFETCH=cfg.prefetch,
+                   TW_PARTS=cfg.row_parts)
     if hslots:
         defines["TW_HSLOTS"] = 1
     return defines
@@ -514,11 +520,14 @@ def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, confi
 def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                      w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
                      out: Optional[torch.Tensor] = None, config: Optional[FusedConfig] = None,
-                     order: Optional[torch.Tensor] = None, hslots: bool = False) -> torch.Tensor:
+                     order: Optional[torch.Tensor] = None, hslots: bool = False,
+                     split: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused sparse stage: y [N, d_model] from x [N, d_model], the dense gate G [N, d_ff] (read
     only for overflowing tiles) and its TwELL form. `w_up=None` is the non-gated FFN (h = ReLU(G)).
     `order` (int32 [N], a permutation of the tokens) is the order in which tokens are taken.
-    `hslots`: the slots hold h = g * u (twell_up_blocked's output), so only overflowing tiles use w_up."""
+    `hslots`: the slots hold h = g * u (twell_up_blocked's output), so only overflowing tiles use w_up.
+    `split` (int32 device scalar, with `order`): the first min(split, FusedConfig.split_rows) tokens
+    of `order` are walked in FusedConfig.row_parts parts each (twell_ffn.cu, "Long rows")."""
     from sparse_llm.kernels.loader import device_properties, get_kernel, launch, ptr
 
     cfg = config or current_config()
@@ -544,15 +553,25 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     work = torch.zeros(passes, dtype=torch.int32, device=x2d.device)
     float_partials = passes > 1 and not cfg.pass_partial16
     y_acc = torch.empty(n, d_model, dtype=torch.float32, device=x2d.device) if float_partials else None
+    if not 1 <= cfg.row_parts <= 64 or cfg.split_rows < 0 or cfg.split_units < 1:
+        raise ValueError(f"FusedConfig.row_parts must be in [1, 64] (got {cfg.row_parts}), split_rows >= 0 "
+                         f"(got {cfg.split_rows}) and split_units >= 1 (got {cfg.split_units})")
+    rows = min(cfg.split_rows, n) if split is not None and order is not None and not cfg.scan else 0
+    part_y = torch.empty(rows, cfg.row_parts, d_model, dtype=torch.float32, device=x2d.device) if rows else None
+    finish = get_kernel("twell_ffn.cu", "twell_rows_finish", x2d.device, **defines) if rows else None
     for p in range(passes):
         if float_partials:
             flags = (1 if p > 0 else 0) | (2 if p < passes - 1 else 0)
         else:
             flags = 4 if p > 0 else 0
         args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y), ptr(y_acc),
-                np.uint64(work.data_ptr() + 4 * p), ptr(order), np.int32(n), np.int32(d_ff), np.int32(p * per_pass),
-                np.int32(min(nt, (p + 1) * per_pass)), np.int32(flags))
+                np.uint64(work.data_ptr() + 4 * p), ptr(order), ptr(split), ptr(part_y), np.int32(rows),
+                np.int32(n), np.int32(d_ff), np.int32(p * per_pass), np.int32(min(nt, (p + 1) * per_pass)),
+                np.int32(flags))
         launch(kernel, grid, (block,), args)
+        if rows:
+            launch(finish, (rows,), (min(d_model // 8, 1024),), (ptr(part_y), ptr(order), ptr(split), ptr(y), ptr(y_acc),
+                                                      np.int32(rows), np.int32(n), np.int32(flags)))
     return y
 
 
@@ -583,7 +602,7 @@ def _twell_ffn_cuda(x, w_gate, w_up, w_down_t, tile, slots):
 def twell_sparse_stage(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                        w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
                        config: Optional[FusedConfig] = None, order: Optional[torch.Tensor] = None,
-                       in_place: bool = True) -> torch.Tensor:
+                       in_place: bool = True, split: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Everything after the gate and pack: twell_up_blocked where supported (gated), then the fused
     stage. The blocked up-projection writes h into `packed` itself, or with `in_place=False` into a
     new buffer (so that `packed` can be used again, as the benchmarks do)."""
@@ -592,14 +611,21 @@ def twell_sparse_stage(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tens
     if (w_up is not None and not cfg.scan
             and up_blocked_supported(x2d.device, d_model, gate.shape[1], tile, packed.shape[-1], cfg)):
         h_slots = twell_up_blocked(x2d, counts, packed, w_up, tile, out=packed if in_place else None, config=cfg)
-        return twell_ffn_packed(x2d, gate, counts, h_slots, w_up, w_down_t, tile, config=cfg, order=order, hslots=True)
-    return twell_ffn_packed(x2d, gate, counts, packed, w_up, w_down_t, tile, config=cfg, order=order)
+        return twell_ffn_packed(x2d, gate, counts, h_slots, w_up, w_down_t, tile, config=cfg, order=order,
+                                hslots=True, split=split)
+    return twell_ffn_packed(x2d, gate, counts, packed, w_up, w_down_t, tile, config=cfg, order=order, split=split)
 
 
 def _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_down_t, tile, cfg, shape):
-    # longest-first order: heavy tokens start first, so none of them finishes alone at the end
-    order = torch.argsort(row_total, descending=True).to(torch.int32) if row_total is not None else None
-    y = twell_sparse_stage(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, cfg, order)
+    # longest-first order: heavy tokens start first, so none of them finishes alone at the end; the
+    # longest of them are split over several teams (no host sync: the count stays on the device)
+    order, split = None, None
+    if row_total is not None:
+        order = torch.argsort(row_total, descending=True).to(torch.int32)
+        if cfg.split_rows > 0:
+            split = (row_total >= cfg.split_units).sum(dtype=torch.int32)
+    y = twell_sparse_stage(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, cfg, order,
+                           split=split)
     return y.view(*shape), stats
 
 

@@ -18,9 +18,16 @@
 // through shared memory behind a named barrier), then the scaled accumulate of its slice of the
 // WdT rows. Loads are 16 bytes per lane, coalesced across the warp.
 //
-// Persistent grid: each team takes its next token from a global counter (atomicAdd), so a heavy
+// Persistent grid: each team takes its next work item from a global counter (atomicAdd), so a heavy
 // token (hundreds of active units) never holds up other tokens' slots; with `order` (tokens sorted
-// by active count, heaviest first) the heavy tokens start first and the tail stays short. Neuron passes: only tiles
+// by active count, heaviest first) the heavy tokens start first and the tail stays short.
+// Long rows: in trained models the first positions of a sequence activate 1000-2000 units where the
+// mean is ~30, and one team walking such a row alone outlasts the whole rest of the kernel. So the
+// first R x TW_PARTS items are parts of the `split_count` (<= R) longest rows (the first ones in
+// `order`): part p walks the row's tiles tb + p, tb + p + TW_PARTS, ... and writes its float32
+// partial row to part_y; twell_rows_finish then adds each split row's parts in part order (the result
+// does not depend on timing). Items past R x TW_PARTS are whole tokens, order[split_count] onward.
+// Neuron passes: only tiles
 // [tile_begin, tile_end) are walked; flags bit 0 starts from the float32 partial sums in y_acc
 // instead of zero, bit 1 writes the sums to y_acc instead of the rounded y, bit 2 starts from the
 // rounded y of the previous pass (so a large FFN can run in passes whose weight rows fit in L2).
@@ -56,6 +63,9 @@
 #ifndef TW_HSLOTS
 #define TW_HSLOTS 0
 #endif
+#ifndef TW_PARTS
+#define TW_PARTS 8  // parts of a split long row
+#endif
 
 namespace twf {
 constexpr int DM = TW_DMODEL;
@@ -77,6 +87,7 @@ static_assert(TEAM == 1 || TEAMS <= 15, "at most 15 named barriers per block");
 static_assert(WARPS * LCAP * 4 + TEAMS * 2 * G * TEAM * 4 <= 48 * 1024, "static shared memory over 48 KB");
 static_assert(G >= 1 && G <= 8, "TW_GROUP in [1, 8]");
 static_assert(!TW_HSLOTS || (TW_GATED && !TW_SCAN), "TW_HSLOTS needs the gated FFN and the packed form");
+static_assert(TW_PARTS >= 1 && TW_PARTS <= 64, "TW_PARTS in [1, 64]");
 constexpr bool SLOT_UP = TW_GATED && !TW_HSLOTS;  // slot entries carry g (take the up-projection)
 }  // namespace twf
 
@@ -207,13 +218,15 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
                 const tw_u16* __restrict__ w_dt,    // [d_ff, d_model] = w_down^T
                 tw_u16* __restrict__ y,             // [n_tokens, d_model]
                 float* __restrict__ y_acc,          // [n_tokens, d_model] float32 partial sums (passes)
-                int* __restrict__ work,             // token counter, zero at launch
+                int* __restrict__ work,             // work item counter, zero at launch
                 const int* __restrict__ order,      // optional [n_tokens] permutation: token order
-                int n_tokens, int d_ff, int tile_begin, int tile_end, int flags) {
+                const int* __restrict__ split_count,  // rows of `order` to split (device scalar; R = 0: none)
+                float* __restrict__ part_y,         // [R, TW_PARTS, d_model] float32 partial rows
+                int R, int n_tokens, int d_ff, int tile_begin, int tile_end, int flags) {
   using namespace twf;
   __shared__ tw_u32 s_list[WARPS][LCAP];
   __shared__ float s_part[TEAMS][2 * G * TEAM];
-  __shared__ int s_tok[TEAMS][2];
+  __shared__ int s_tok[TEAMS][2][2];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int team = warp / TEAM, wt = warp - team * TEAM;
@@ -230,18 +243,37 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
   if (leader) next = atomicAdd(work, 1);
 
   while (true) {
+    // the leader turns the item into (token, slot): slot >= 0 a part of a split row (its part_y
+    // slot), token >= n_tokens the end; it skips the part items of rows past split_count itself
+    int tok = 0, slot = -1;
+    if (leader) {
+      const int split_n = R > 0 ? min(min(__ldg(split_count), R), n_tokens) : 0;
+      while (next < R * TW_PARTS && next / TW_PARTS >= split_n) next = atomicAdd(work, 1);
+      if (next < R * TW_PARTS) {
+        tok = order[next / TW_PARTS];
+        slot = next;
+      } else {
+        const int idx = split_n + (next - R * TW_PARTS);
+        tok = idx >= n_tokens ? n_tokens : (order != nullptr ? order[idx] : idx);
+      }
+    }
     long long t;
-    if (leader && order != nullptr && next < n_tokens) next = order[next];
     if constexpr (TEAM > 1) {
-      if (leader) s_tok[team][parity] = next;
+      if (leader) {
+        s_tok[team][parity][0] = tok;
+        s_tok[team][parity][1] = slot;
+      }
       tw_named_barrier(bar_id, TEAM * 32);
-      t = s_tok[team][parity];
+      t = s_tok[team][parity][0];
+      slot = s_tok[team][parity][1];
       parity ^= 1;
     } else {
-      t = __shfl_sync(TW_FULL_MASK, next, 0);
+      t = __shfl_sync(TW_FULL_MASK, tok, 0);
+      slot = __shfl_sync(TW_FULL_MASK, slot, 0);
     }
     if (t >= n_tokens) break;  // the whole team leaves together
     if (leader) next = atomicAdd(work, 1);  // in flight while this token is processed
+    const bool carry = slot < 0 || slot % TW_PARTS == 0;  // a split row's part 0 carries earlier passes' sums
 
     uint4 xr[VPL];
     float acc[VPL][8];
@@ -252,14 +284,14 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
       for (int i = 0; i < VPL; ++i) {
         const int v = lane + 32 * i;
         xr[i] = (FULLV || v < NVS) ? tw_ld16(xv + v, pol_stream) : make_uint4(0u, 0u, 0u, 0u);
-        if ((flags & 4) && (FULLV || v < NVS)) {
+        if ((flags & 4) && carry && (FULLV || v < NVS)) {
           const uint4 p = tw_ld16(reinterpret_cast<const uint4*>(y + t * DM + wt * DS) + v, pol_stream);
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             acc[i][2 * q] = tw_lo(tw_word(p, q));
             acc[i][2 * q + 1] = tw_hi(tw_word(p, q));
           }
-        } else if ((flags & 1) && (FULLV || v < NVS)) {
+        } else if ((flags & 1) && carry && (FULLV || v < NVS)) {
           const float4 a = av[2 * v], b = av[2 * v + 1];
           acc[i][0] = a.x; acc[i][1] = a.y; acc[i][2] = a.z; acc[i][3] = a.w;
           acc[i][4] = b.x; acc[i][5] = b.y; acc[i][6] = b.z; acc[i][7] = b.w;
@@ -308,7 +340,8 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
 #else
     for (int k0 = tb; k0 < te; k0 += 32) {
       const int k = k0 + lane;
-      const int c = (k < te) ? counts[t * nt + k] : 0;
+      const bool mine = slot < 0 || (k - tb) % TW_PARTS == slot % TW_PARTS;
+      const int c = (k < te && mine) ? counts[t * nt + k] : 0;
       const bool ovf = c > S;
       const int cn = ovf ? 0 : c;
       const int incl = tw_warp_scan(cn, lane);
@@ -354,7 +387,17 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
     if (len > 0) tw_process<(TW_SCAN ? (bool)TW_GATED : SLOT_UP)>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
     __syncwarp();  // the list is rewritten by the next token
 
-    if (flags & 2) {
+    if (slot >= 0) {  // a part of a split row: twell_rows_finish adds the parts
+      float4* pr = reinterpret_cast<float4*>(part_y + (long long)slot * DM + wt * DS);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const int v = lane + 32 * i;
+        if (FULLV || v < NVS) {
+          pr[2 * v] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+          pr[2 * v + 1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
+        }
+      }
+    } else if (flags & 2) {
       float4* ar = reinterpret_cast<float4*>(y_acc + t * DM + wt * DS);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
@@ -378,6 +421,39 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
           tw_st16(yr + v * 8, o, pol_stream);
         }
       }
+    }
+  }
+}
+
+// twell_rows_finish: CTA per split row i < split_count (8 columns a thread): the sum of its TW_PARTS
+// float32 partial rows, in part order, into y[order[i]] (rounded) or, with flags bit 1, y_acc.
+extern "C" __global__ void __launch_bounds__(1024)
+twell_rows_finish(const float* __restrict__ part_y, const int* __restrict__ order,
+                  const int* __restrict__ split_count, tw_u16* __restrict__ y, float* __restrict__ y_acc, int R,
+                  int n_tokens, int flags) {
+  using namespace twf;
+  const int i = blockIdx.x;
+  if (i >= min(min(__ldg(split_count), R), n_tokens)) return;
+  const long long t = __ldg(order + i);
+  for (int c = threadIdx.x * 8; c < DM; c += blockDim.x * 8) {
+    float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int p = 0; p < TW_PARTS; ++p) {
+      const float4* q = reinterpret_cast<const float4*>(part_y + ((long long)i * TW_PARTS + p) * DM + c);
+      const float4 lo = __ldg(q), hi = __ldg(q + 1);
+      v[0] += lo.x; v[1] += lo.y; v[2] += lo.z; v[3] += lo.w;
+      v[4] += hi.x; v[5] += hi.y; v[6] += hi.z; v[7] += hi.w;
+    }
+    if (flags & 2) {
+      float4* a = reinterpret_cast<float4*>(y_acc + t * DM + c);
+      a[0] = make_float4(v[0], v[1], v[2], v[3]);
+      a[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint4 o;
+      o.x = tw_pack2(v[0], v[1]);
+      o.y = tw_pack2(v[2], v[3]);
+      o.z = tw_pack2(v[4], v[5]);
+      o.w = tw_pack2(v[6], v[7]);
+      *reinterpret_cast<uint4*>(y + t * DM + c) = o;
     }
   }
 }

@@ -237,6 +237,43 @@ def test_passes_from_16bit_partials_match_float32_partials(dtype):
     assert (diff <= 3 * eps * ref.abs() + 1e-3 * ref.abs().max()).all(), f"seed {seed}: {diff.max()}"
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_long_rows_split_over_parts(gated):
+    # ~300 rows of 200-3000 active units among rows of ~29 (as the first positions of a sequence in a
+    # trained model): split over row_parts teams (twell_ffn.cu, "Long rows") or not, every config
+    # within tolerance of the float32 reference and within two 16-bit roundings of the unsplit walk
+    seed = _seed()
+    syn = make_synthetic_ffn(2001, 2048, 5632, 29, 0.1, torch.bfloat16, DEV, seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = syn.x.clone()
+    long_rows = torch.randperm(x.shape[0], generator=g, device=DEV)[:300]
+    scale = 1.5 + 6 * torch.rand(300, 1, generator=g, device=DEV)
+    x[long_rows, 1:] = (x[long_rows, 1:].float() * scale).to(x.dtype)  # feature 0 (the threshold) unscaled
+    w_gate, w_up = (syn.w_gate, syn.w_up) if gated else (None, syn.w_gate)
+    lengths = (torch.nn.functional.linear(x.float(), (w_gate if gated else w_up).float()) > 0).sum(1)
+    assert (lengths >= 128).sum() > 256 and lengths.max() > 1000, f"seed {seed}: rows too short"
+    ref = ffn_reference_fp32(x, w_gate, w_up, syn.w_down)
+    configs = [twell.FusedConfig(split_rows=0), twell.FusedConfig(), twell.FusedConfig(split_rows=5),
+               twell.FusedConfig(row_parts=3, passes=3), twell.FusedConfig(row_parts=16, passes=2, pass_partial16=0),
+               twell.FusedConfig(row_parts=1), twell.FusedConfig(slice_width=512, regs=96, split_units=600)]
+    if gated:
+        configs.append(twell.FusedConfig(up_blocked=1))
+    outputs = []
+    try:
+        for cfg in configs:
+            twell.set_default_config(cfg)
+            y = twell.twell_ffn(x, w_gate, w_up, syn.w_down)
+            assert torch.isfinite(y).all() and rel(y, ref) < 1e-2, f"seed {seed}: {cfg}"
+            outputs.append((cfg, y))
+    finally:
+        twell.set_default_config(None)
+    eps = torch.finfo(torch.bfloat16).eps
+    unsplit = outputs[0][1].float()
+    for cfg, y in outputs[1:3]:  # same passes as the unsplit walk: only the summation order differs
+        diff = (y.float() - unsplit).abs()
+        assert (diff <= 2 * eps * ref.abs() + 1e-3 * ref.abs().max()).all(), f"seed {seed}: {cfg}"
+
+
 @pytest.mark.parametrize("lpt", [0, 1])
 def test_cuda_graph_capture_and_replay(lpt):
     seed = _seed()
