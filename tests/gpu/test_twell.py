@@ -219,7 +219,10 @@ def test_lpt_order_and_passes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_passes_from_16bit_partials_match_float32_partials(dtype):
     # pass_partial16 rounds each pass's partial y once more: within three 16-bit roundings of the
-    # float32-partials result (3 passes), and within the usual tolerance of the float32 reference
+    # float32-partials result (3 passes), and within the usual tolerance of the float32 reference.
+    # A rounding is of the partial sum, whose size is the row's scale, not the final element's (an
+    # element that cancels to ~0 in the last pass still carries the earlier passes' rounding): so
+    # the roundings are measured against the row's largest element.
     seed = _seed()
     syn = make_synthetic_ffn(3001, 2048, 5632, 29, 0.2, dtype, DEV, seed)
     ref = ffn_reference_fp32(syn.x, syn.w_gate, syn.w_up, syn.w_down)
@@ -234,7 +237,7 @@ def test_passes_from_16bit_partials_match_float32_partials(dtype):
         assert rel(y, ref) < 1e-2, f"seed {seed}"
     eps = torch.finfo(dtype).eps
     diff = (outputs[1].float() - outputs[0].float()).abs()
-    assert (diff <= 3 * eps * ref.abs() + 1e-3 * ref.abs().max()).all(), f"seed {seed}: {diff.max()}"
+    assert (diff <= 3 * eps * ref.abs().amax(1, keepdim=True)).all(), f"seed {seed}: {diff.max()}"
 
 
 @pytest.mark.parametrize("gated", [True, False])
