@@ -25,7 +25,9 @@ from sparse_llm.kernels.loader import device_properties, launch, resident_blocks
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
 _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
-_DW_STAGES, _DW_BATCH = 3, 4  # = DW_NS, DW_BT in hybrid.cu
+# hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
+# values (for experiments/dw_pipeline_sweep.py) compile their own module
+DW_STAGES, DW_BATCH = 2, 6
 # hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
@@ -94,6 +96,8 @@ def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> 
     defines = dict(HY_D=d_model, HY_GATED=int(gated), HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
     if name == "hy_forward" and FWD_MIN_BLOCKS != 1:
         defines["HY_FWD_MINB"] = FWD_MIN_BLOCKS
+    if name == "hy_dw" and (DW_STAGES, DW_BATCH) != (2, 6):
+        defines.update(HY_DW_NS=DW_STAGES, HY_DW_BT=DW_BATCH)
     return defines
 
 
@@ -242,7 +246,7 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     sms = device_properties(dev).multi_processor_count
     grid = d_ff + 4 * sms  # items past d_ff: split units
     dw = _kernel("hy_dw", dev, d_model, gated, dt)
-    dw_shared = _DW_STAGES * _DW_BATCH * 2 * threads * 16
+    dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
     sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
     progress = item_start[d_ff + 2:]  # the sweep's pair counter, zeroed by hy_dw_plan
     launch(dw, (grid,), (threads,),

@@ -46,9 +46,15 @@ constexpr int NC = D / 256;         // 16-byte chunks per lane when a warp cover
 constexpr int FWD_WARPS = 4;        // tokens per CTA in hy_forward / hy_dx
 constexpr int DW_THR = D / 8;       // hy_dw: threads per CTA, 8 columns each
 constexpr int DW_WARPS = DW_THR / 32;
-constexpr int DW_BT = 4;            // hy_dw: tokens per batch
-constexpr int DW_NS = 3;            // hy_dw: cp.async stages
-constexpr int DW_MINB = DW_THR <= 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas
+#ifndef HY_DW_BT
+#define HY_DW_BT 6  // 2 x 6 beat 3 x 4 by 12-22% (NOTES_hybrid.md v13); 2 CTAs an SM fit up to 12 slices
+#endif
+#ifndef HY_DW_NS
+#define HY_DW_NS 2
+#endif
+constexpr int DW_BT = HY_DW_BT;     // hy_dw: tokens per batch (two barriers a batch)
+constexpr int DW_NS = HY_DW_NS;     // hy_dw: cp.async stages
+constexpr int DW_MINB = DW_THR < 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas (d_model 4096: shared memory holds one)
 constexpr int DW_WPT = 4;           // hy_dw: column-bitmask words per thread per scan round
 constexpr int DW_CAP = 512;         // hy_dw: tokens listed in shared memory at a time
 
