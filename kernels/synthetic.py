@@ -68,3 +68,19 @@ def make_experiment_case(tokens: int, d_model: int, d_ff: int, level: float,
     tail = 0.2 if level < 0 else 0.0
     syn = make_synthetic_ffn(tokens, d_model, d_ff, abs(level), tail, dtype, "cuda", 0)
     return syn, f"mean active {abs(level):.0f}{' heavy tail' if tail else ''}"
+
+
+def hybrid_training_step(syn: SyntheticFFN, l1_grad: float = 0.1):
+    """The experiment scripts' training step: a closure running one hybrid FFN fwd+bwd of `syn` (x and
+    the weights as leaves, a fixed random dy, dL/dl1_sum = l1_grad) and returning the gradients."""
+    from sparse_llm.kernels import hybrid
+
+    leaves = [t.detach().requires_grad_() for t in (syn.x, syn.w_gate, syn.w_up, syn.w_down)]
+    dy = torch.randn_like(syn.x)
+    dl1 = torch.tensor(l1_grad, device=syn.x.device)
+
+    def step():
+        y, l1, _, _ = hybrid.hybrid_ffn(*leaves)
+        return torch.autograd.grad([y, l1], leaves, [dy, dl1])
+
+    return step

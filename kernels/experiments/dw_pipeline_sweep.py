@@ -12,7 +12,7 @@ import torch
 
 from sparse_llm.kernels import hybrid
 from sparse_llm.kernels.bench_training import _kernel_ms, rel
-from sparse_llm.kernels.synthetic import make_synthetic_ffn
+from sparse_llm.kernels.synthetic import hybrid_training_step, make_synthetic_ffn
 
 args = sys.argv[1:]
 tokens = int(args[0]) if args and "," not in args[0] else 16384
@@ -21,15 +21,7 @@ default = (hybrid.DW_STAGES, hybrid.DW_BATCH)
 
 
 def case(name: str, active: float, tail: float) -> None:
-    s = make_synthetic_ffn(tokens, 2048, 5632, active, tail, torch.bfloat16, "cuda", 0)
-    leaves = [t.detach().requires_grad_() for t in (s.x, s.w_gate, s.w_up, s.w_down)]
-    dy = torch.randn_like(s.x)
-    dl1 = torch.tensor(0.1, device="cuda")
-
-    def step():
-        y, l1, _, _ = hybrid.hybrid_ffn(*leaves)
-        return torch.autograd.grad([y, l1], leaves, [dy, dl1])
-
+    step = hybrid_training_step(make_synthetic_ffn(tokens, 2048, 5632, active, tail, torch.bfloat16, "cuda", 0))
     times, grads = {}, {}
     for r in range(3):
         for shape in ([default] + shapes)[:: 1 if r % 2 == 0 else -1]:

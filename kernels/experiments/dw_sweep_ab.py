@@ -10,21 +10,13 @@ import torch
 
 from sparse_llm.kernels import hybrid
 from sparse_llm.kernels.bench_training import _flush_buffer, _kernel_ms, rel, time_ms
-from sparse_llm.kernels.synthetic import make_synthetic_ffn
+from sparse_llm.kernels.synthetic import hybrid_training_step, make_synthetic_ffn
 
 token_counts = [int(a) for a in sys.argv[1:]] or [16384, 65536]
 flush = _flush_buffer()
 for tokens in token_counts:
     for name, active, tail in (("99.5%", 29.0, 0.0), ("99%", 57.0, 0.0), ("heavy tail", 29.0, 0.2)):
-        s = make_synthetic_ffn(tokens, 2048, 5632, active, tail, torch.bfloat16, "cuda", 0)
-        leaves = [t.detach().requires_grad_() for t in (s.x, s.w_gate, s.w_up, s.w_down)]
-        dy = torch.randn_like(s.x)
-        dl1 = torch.tensor(0.1, device="cuda")
-
-        def step():
-            y, l1, _, _ = hybrid.hybrid_ffn(*leaves)
-            return torch.autograd.grad([y, l1], leaves, [dy, dl1])
-
+        step = hybrid_training_step(make_synthetic_ffn(tokens, 2048, 5632, active, tail, torch.bfloat16, "cuda", 0))
         grads, rounds = {}, {True: [], False: []}
         for r in range(3):
             for sweep in ((True, False) if r % 2 == 0 else (False, True)):
@@ -37,5 +29,5 @@ for tokens in token_counts:
         print(f"{tokens} tokens, {name}: hy_dw sweep {med[True][0]:.3f} ms vs from token 0 {med[False][0]:.3f} ms | "
               f"fwd+bwd {med[True][1]:.3f} vs {med[False][1]:.3f} ms | gradients differ by {diff:.1e} (rel.) | "
               f"rounds {rounds}", flush=True)
-        del s, leaves, dy, grads
+        del step, grads
         torch.cuda.empty_cache()

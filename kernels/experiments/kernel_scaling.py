@@ -8,22 +8,14 @@ import sys
 
 import torch
 
-from sparse_llm.kernels import hybrid
 from sparse_llm.kernels.bench_training import _kernel_ms
-from sparse_llm.kernels.synthetic import make_synthetic_ffn
+from sparse_llm.kernels.synthetic import hybrid_training_step, make_synthetic_ffn
 
 
 
 def measure(tokens: int) -> None:
     s = make_synthetic_ffn(tokens, 2048, 5632, 29.0, 0.0, torch.bfloat16, "cuda", 0)
-    leaves = [t.detach().requires_grad_() for t in (s.x, s.w_gate, s.w_up, s.w_down)]
-    dy = torch.randn_like(s.x)
-    dl1 = torch.tensor(0.1, device="cuda")
-
-    def step():
-        y, l1, _, _ = hybrid.hybrid_ffn(*leaves)
-        return torch.autograd.grad([y, l1], leaves, [dy, dl1])
-
+    step = hybrid_training_step(s)
     pairs = (s.x.float() @ s.w_gate.float().t() > 0).sum().item()
     ms = {k: _kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")}
     per = " ".join(f"{ms[k] * 1e6 / pairs:6.3f}" for k in ms)
