@@ -589,12 +589,24 @@ __device__ __forceinline__ void hy_cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
 }
 
-// Unit of work item `item`: the last j with item_start[j] <= item (item_start ascending, FF + 1 long).
+// Unit of work item `item`: the last j with item_start[j] <= item (item_start strictly ascending from
+// 0, FF + 1 long). Called by a whole warp: 32 probes a round, so ~3 dependent loads where a binary
+// search by one thread took ~13 (the CTA waits for it at every item).
 __device__ __forceinline__ int hy_item_unit(const int* __restrict__ item_start, int FF, int item) {
-  int lo = 0, hi = FF - 1;
+  const int lane = threadIdx.x & 31;
+  int lo = 0, hi = FF - 1;  // the answer is in [lo, hi]; item_start[lo] <= item
   while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(item_start + mid) <= item) lo = mid; else hi = mid - 1;
+    const int span = hi - lo;
+    const int probe = lo + (int)(((long long)(lane + 1) * span + 31) / 32);  // ascending; lane 31: hi
+    const unsigned le = __ballot_sync(TW_FULL_MASK, __ldg(item_start + probe) <= item);  // a prefix of lanes
+    if (le == 0u) {
+      hi = lo + (span + 31) / 32 - 1;  // below lane 0's probe
+    } else {
+      const int k = 31 - __clz(le);
+      const int next = lo + (int)(((long long)(k + 2) * span + 31) / 32);  // lane k + 1's probe
+      lo = lo + (int)(((long long)(k + 1) * span + 31) / 32);
+      if (k < 31) hi = next - 1;
+    }
   }
   return lo;
 }
@@ -621,8 +633,9 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 
 #pragma unroll 1
   for (int item = blockIdx.x; item < __ldg(item_start + FF); item += gridDim.x) {
-  if (tid == 0) {  // unit and list positions [lo, hi) of this item, in shared memory (registers are short)
+  if (warp == 0) {  // unit and list positions [lo, hi) of this item, in shared memory (registers are short)
     const int unit = hy_item_unit(item_start, FF, item);
+    if (lane == 0) {
     const int k_item = item - __ldg(item_start + unit);
     const int n_items = __ldg(item_start + unit + 1) - __ldg(item_start + unit);
     s_range[0] = k_item * S;
@@ -637,6 +650,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       first_word = min((int)(phase * (float)WC), WC - 1);
     }
     s_range[4] = first_word;
+    }
   }
   __syncthreads();
   const int j = s_range[3];
