@@ -531,6 +531,9 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     from sparse_llm.kernels.loader import device_properties, get_kernel, launch, ptr
 
     cfg = config or current_config()
+    if not 1 <= cfg.row_parts <= 64 or cfg.split_rows < 0 or cfg.split_units < 1:
+        raise ValueError(f"FusedConfig.row_parts must be in [1, 64] (got {cfg.row_parts}), split_rows >= 0 "
+                         f"(got {cfg.split_rows}) and split_units >= 1 (got {cfg.split_units})")
     n, d_model = x2d.shape
     d_ff = gate.shape[1]
     slots = packed.shape[-1]
@@ -553,9 +556,6 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     work = torch.zeros(passes, dtype=torch.int32, device=x2d.device)
     float_partials = passes > 1 and not cfg.pass_partial16
     y_acc = torch.empty(n, d_model, dtype=torch.float32, device=x2d.device) if float_partials else None
-    if not 1 <= cfg.row_parts <= 64 or cfg.split_rows < 0 or cfg.split_units < 1:
-        raise ValueError(f"FusedConfig.row_parts must be in [1, 64] (got {cfg.row_parts}), split_rows >= 0 "
-                         f"(got {cfg.split_rows}) and split_units >= 1 (got {cfg.split_units})")
     rows = min(cfg.split_rows, n) if split is not None and order is not None and not cfg.scan else 0
     part_y = torch.empty(rows, cfg.row_parts, d_model, dtype=torch.float32, device=x2d.device) if rows else None
     finish = get_kernel("twell_ffn.cu", "twell_rows_finish", x2d.device, **defines) if rows else None

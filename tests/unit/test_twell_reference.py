@@ -166,3 +166,14 @@ def test_gate_kernel_config_errors_name_the_field():
             twell.twell_gate_pack(x, w, config=bad)
     assert not twell.gate_kernel_supported(torch.device("cpu"), torch.bfloat16, 256, 32)
     assert twell.gate_shared_bytes(4) <= 232448 < twell.gate_shared_bytes(5)
+
+
+def test_long_row_split_config_errors_name_the_field():
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(256, 64, dtype=torch.bfloat16)
+    gate, counts = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(4, 1, dtype=torch.int32)
+    packed = torch.zeros(4, 1, 8, dtype=torch.int32)
+    for bad in (twell.FusedConfig(row_parts=0), twell.FusedConfig(row_parts=65), twell.FusedConfig(split_rows=-1),
+                twell.FusedConfig(split_units=0)):
+        with pytest.raises(ValueError, match="FusedConfig.row_parts .* split_rows .* split_units"):
+            twell.twell_ffn_packed(x, gate, counts, packed, w, w, config=bad)
+    assert twell.fused_defines(2048, 256, 32, True, torch.bfloat16, twell.FusedConfig(row_parts=3))["TW_PARTS"] == 3
