@@ -589,6 +589,11 @@ __device__ __forceinline__ void hy_cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
 }
 
+// Bitmask word at position `wr` of a walk that starts at word `first` and wraps around at WC.
+__device__ __forceinline__ int hy_walk_word(int wr, int first, int WC) {
+  return wr + first < WC ? wr + first : wr + first - WC;
+}
+
 // Unit of work item `item`: the last j with item_start[j] <= item (item_start strictly ascending from
 // 0, FF + 1 long). Called by a whole warp: 32 probes a round, so ~3 dependent loads where a binary
 // search by one thread took ~13 (the CTA waits for it at every item).
@@ -682,9 +687,8 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     int cnt = 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
-      const int wr = cw + tid * DW_WPT + q;  // position in the walk; word wi of the bitmask
-      const int wi = wr + s_range[4] < WC ? wr + s_range[4] : wr + s_range[4] - WC;
-      words[q] = (wr < WC) ? __ldg(mc + wi) : 0u;
+      const int wr = cw + tid * DW_WPT + q;  // position in the walk
+      words[q] = (wr < WC) ? __ldg(mc + hy_walk_word(wr, s_range[4], WC)) : 0u;
       cnt += __popc(words[q]);
     }
     int incl = tw_warp_scan(cnt, lane);
@@ -711,8 +715,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 #pragma unroll
         for (int q = 0; q < DW_WPT; ++q) {
           tw_u32 wq = words[q];
-          const int wr = cw + tid * DW_WPT + q;
-          const int wi = wr + s_range[4] < WC ? wr + s_range[4] : wr + s_range[4] - WC;
+          const int wi = hy_walk_word(cw + tid * DW_WPT + q, s_range[4], WC);
           while (wq) {
             const int bit = __ffs(wq) - 1;
             wq &= wq - 1u;

@@ -387,18 +387,9 @@ twell_ffn_fused(const tw_u16* __restrict__ x,       // [n_tokens, d_model]
     if (len > 0) tw_process<(TW_SCAN ? (bool)TW_GATED : SLOT_UP)>(list, len, xr, acc, w_up, w_dt, lane, wt, part, buf, bar_id, pol_keep);
     __syncwarp();  // the list is rewritten by the next token
 
-    if (slot >= 0) {  // a part of a split row: twell_rows_finish adds the parts
-      float4* pr = reinterpret_cast<float4*>(part_y + (long long)slot * DM + wt * DS);
-#pragma unroll
-      for (int i = 0; i < VPL; ++i) {
-        const int v = lane + 32 * i;
-        if (FULLV || v < NVS) {
-          pr[2 * v] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-          pr[2 * v + 1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
-        }
-      }
-    } else if (flags & 2) {
-      float4* ar = reinterpret_cast<float4*>(y_acc + t * DM + wt * DS);
+    if (slot >= 0 || (flags & 2)) {  // float32 sums: a split row's part (twell_rows_finish adds them) or a pass's
+      float* row = slot >= 0 ? part_y + (long long)slot * DM : y_acc + t * DM;
+      float4* ar = reinterpret_cast<float4*>(row + wt * DS);
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
         const int v = lane + 32 * i;
