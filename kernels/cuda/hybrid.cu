@@ -115,6 +115,30 @@ __device__ __forceinline__ float hy_warp_sum(float v) {
   return v;
 }
 
+// Warp totals of V <= 8 values at once: returns, in lanes 4k .. 4k + 3, the sum over the warp of
+// v[k] (k < V). Each butterfly level keeps half of the values and sends the other half, so 9 shuffles
+// do what 5 V did; every total is the same tree of additions as hy_warp_sum's.
+template <int V>
+__device__ __forceinline__ float hy_warp_sum_by_lane(const float v[V], int lane) {
+  static_assert(V >= 1 && V <= 8, "hy_warp_sum_by_lane: 1 to 8 values");
+  float a[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) a[i] = i < V ? v[i] : 0.f;
+#pragma unroll
+  for (int half = 4, o = 16; half >= 1; half >>= 1, o >>= 1) {  // o: 16, 8, 4 keeps 4, 2, 1 values
+    const bool upper = (lane & o) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float keep = upper ? a[i + half] : a[i];
+      const float send = upper ? a[i] : a[i + half];
+      a[i] = keep + __shfl_xor_sync(TW_FULL_MASK, send, o);
+    }
+  }
+  a[0] += __shfl_xor_sync(TW_FULL_MASK, a[0], 2);
+  a[0] += __shfl_xor_sync(TW_FULL_MASK, a[0], 1);
+  return a[0];
+}
+
 __device__ __forceinline__ float2 hy_f2(float a, float b) {
   float2 r;
   r.x = a;
@@ -583,6 +607,18 @@ __device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
 __device__ __forceinline__ void hy_cp16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(hy_smem_addr(smem)), "l"(gmem) : "memory");
 }
+// cp.async with an L2 eviction policy (hy_dw's kept rows of x and dy)
+__device__ __forceinline__ void hy_cp16_hint(void* smem, const void* gmem, tw_u64 policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(hy_smem_addr(smem)), "l"(gmem),
+               "l"(policy) : "memory");
+}
+// Addresses [base, base + kept) evict last, the rest of [base, base + total) evict first.
+__device__ __forceinline__ tw_u64 hy_policy_range(const void* base, tw_u32 kept, tw_u32 total) {
+  tw_u64 p;
+  asm("createpolicy.range.global.L2::evict_last.L2::evict_first.b64 %0, [%1], %2, %3;"
+      : "=l"(p) : "l"(base), "r"(kept), "r"(total));
+  return p;
+}
 __device__ __forceinline__ void hy_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int Pending>
 __device__ __forceinline__ void hy_cp_wait() {
@@ -622,9 +658,11 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
       tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD) {
+      float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD,
+      int keep_rows) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
+  __shared__ unsigned s_row[DW_CAP];  // t * D / 8: the token's row in 16-byte units (N * D < 2^31)
   __shared__ int s_rank[DW_CAP];
   __shared__ float2 s_au[DW_CAP];
   __shared__ float s_part[DW_WARPS][3 * DW_BT];
@@ -728,21 +766,32 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       for (int k = tid; k < m; k += DW_THR) {
         const int t = s_tok[k];
         const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
+        s_row[k] = (unsigned)t * (unsigned)(D / 8);
         s_rank[k] = r;
         s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
       }
       __syncthreads();
     // ---- batches of DW_BT tokens through the cp.async pipeline
     const int nb = (m + DW_BT - 1) / DW_BT;
+    // the address arithmetic of these copies was a fifth of the kernel's instructions: row offsets
+    // come precomputed from s_row, and this thread's slice of row 0 is the base
+    const uint4* x_slice = reinterpret_cast<const uint4*>(X) + tid;
+    const uint4* dy_slice = reinterpret_cast<const uint4*>(DY) + tid;
     auto issue = [&](int bb) {
-      const int stage = bb % DW_NS;
+      uint4* dst = s_buf + (bb % DW_NS) * DW_BT * 2 * DW_THR + tid;
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
         const int idx = bb * DW_BT + k;
         if (idx < m) {
-          const size_t t = (size_t)s_tok[idx];
-          hy_cp16(&s_buf[((stage * DW_BT + k) * 2 + 0) * DW_THR + tid], X + t * D + tid * 8);
-          hy_cp16(&s_buf[((stage * DW_BT + k) * 2 + 1) * DW_THR + tid], DY + t * D + tid * 8);
+          const unsigned row = s_row[idx];
+          if (keep_rows > 0) {
+            const tw_u32 kept = (tw_u32)keep_rows * (tw_u32)(D * 2), total = (tw_u32)N * (tw_u32)(D * 2);
+            hy_cp16_hint(dst + (2 * k + 0) * DW_THR, x_slice + row, hy_policy_range(X, kept, total));
+            hy_cp16_hint(dst + (2 * k + 1) * DW_THR, dy_slice + row, hy_policy_range(DY, kept, total));
+          } else {
+            hy_cp16(dst + (2 * k + 0) * DW_THR, x_slice + row);
+            hy_cp16(dst + (2 * k + 1) * DW_THR, dy_slice + row);
+          }
         }
       }
     };
@@ -765,20 +814,21 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       bool recompute = false;
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) recompute |= (k < kn) && s_rank[k0 + k] >= W;
-      // partial dot products over this thread's 8 columns, reduced over the CTA
+      // partial dot products over this thread's 8 columns, reduced over the CTA. Where every pair of
+      // the batch has its (a, u) stored, h is known now and dWd takes its axpy here, from the dy just
+      // unpacked; a batch that recomputes takes it after the barrier, with the recomputed h. Each
+      // thread adds its tokens in list order either way.
       float part[3 * DW_BT];
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
-        float fx[8], fy[8];
-        const uint4 xq = k < kn ? xs[2 * k * DW_THR] : hy_zero4();
-        const uint4 dq = k < kn ? ys[2 * k * DW_THR] : hy_zero4();
-        hy_unpack8(xq, fx);
-        hy_unpack8(dq, fy);
+        float fy[8];
+        hy_unpack8(k < kn ? ys[2 * k * DW_THR] : hy_zero4(), fy);
         float pd = 0.f, pg = 0.f, pu = 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) pd = fmaf(fy[e], wd[e], pd);
         if (recompute) {
-          float fw[8];
+          float fx[8], fw[8];
+          hy_unpack8(k < kn ? xs[2 * k * DW_THR] : hy_zero4(), fx);
           hy_unpack8(wgq, fw);
 #pragma unroll
           for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], fw[e], pg);
@@ -787,21 +837,39 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 #pragma unroll
           for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], fw[e], pu);
 #endif
+        } else if (k < kn) {
+          const float2 au_k = s_au[k0 + k];
+#if HY_GATED
+          const float h = au_k.x * au_k.y;
+#else
+          const float h = au_k.x;
+#endif
+#pragma unroll
+          for (int e = 0; e < 8; ++e) ad[e] = fmaf(h, fy[e], ad[e]);
         }
         part[3 * k + 0] = pd;
         part[3 * k + 1] = pg;
         part[3 * k + 2] = pu;
       }
+      // lanes 4k .. 4k + 3 end with token k's warp totals (the same sums as a butterfly per value)
+      const int k_lane = lane >> 2;
+      const bool writer = (lane & 3) == 0 && k_lane < DW_BT;
+      {
+        float v[DW_BT];
+#pragma unroll
+        for (int k = 0; k < DW_BT; ++k) v[k] = part[3 * k];
+        const float total = hy_warp_sum_by_lane<DW_BT>(v, lane);
+        if (writer) s_part[warp][3 * k_lane] = total;
+      }
       if (recompute) {
 #pragma unroll
-        for (int i = 0; i < 3 * DW_BT; ++i) part[i] = hy_warp_sum(part[i]);
-      } else {
+        for (int c = 1; c < 3; ++c) {
+          float v[DW_BT];
 #pragma unroll
-        for (int k = 0; k < DW_BT; ++k) part[3 * k] = hy_warp_sum(part[3 * k]);
-      }
-      if (lane == 0) {
-#pragma unroll
-        for (int i = 0; i < 3 * DW_BT; ++i) s_part[warp][i] = part[i];
+          for (int k = 0; k < DW_BT; ++k) v[k] = part[3 * k + c];
+          const float total = hy_warp_sum_by_lane<DW_BT>(v, lane);
+          if (writer) s_part[warp][3 * k_lane + c] = total;
+        }
       }
       __syncthreads();
       if (tid < kn) {
@@ -846,13 +914,12 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
         if (k < kn) {
-          const float dg = s_coef[k][0], h = s_coef[k][2];
           const uint4 xq = xs[2 * k * DW_THR];
-          hy_axpy8(ag, dg, xq);
+          hy_axpy8(ag, s_coef[k][0], xq);
 #if HY_GATED
           hy_axpy8(au, s_coef[k][1], xq);
 #endif
-          hy_axpy8(ad, h, ys[2 * k * DW_THR]);
+          if (recompute) hy_axpy8(ad, s_coef[k][2], ys[2 * k * DW_THR]);
         }
       }
     }
