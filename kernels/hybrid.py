@@ -36,9 +36,6 @@ DW_SPLIT_TOKENS = 512
 # so that they read the same x and dy rows at about the same time; False (or the environment's
 # SPARSE_LLM_DW_SWEEP=0, for A/B runs of whole models) walks each from token 0.
 DW_SWEEP = os.environ.get("SPARSE_LLM_DW_SWEEP", "1") != "0"
-# hy_dw: rows of x and dy (tokens) below this index are read with an L2 evict-last policy, the rest
-# evict-first; 0: no policy (experiments/dw_locality.py)
-DW_KEEP_ROWS = int(os.environ.get("SPARSE_LLM_DW_KEEP_ROWS", "0"))
 # hy_forward and hy_dx: up to SPLIT_ROWS rows with at least SPLIT_ROW_UNITS active units (the longest)
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
@@ -256,7 +253,7 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
             ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
-            i32(d_ff), i32(width), i32(width_d), i32(min(n, DW_KEEP_ROWS) if n * d_model * 2 < 2**32 else 0)),
+            i32(d_ff), i32(width), i32(width_d)),
            shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))

@@ -607,18 +607,6 @@ __device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
 __device__ __forceinline__ void hy_cp16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(hy_smem_addr(smem)), "l"(gmem) : "memory");
 }
-// cp.async with an L2 eviction policy (hy_dw's kept rows of x and dy)
-__device__ __forceinline__ void hy_cp16_hint(void* smem, const void* gmem, tw_u64 policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(hy_smem_addr(smem)), "l"(gmem),
-               "l"(policy) : "memory");
-}
-// Addresses [base, base + kept) evict last, the rest of [base, base + total) evict first.
-__device__ __forceinline__ tw_u64 hy_policy_range(const void* base, tw_u32 kept, tw_u32 total) {
-  tw_u64 p;
-  asm("createpolicy.range.global.L2::evict_last.L2::evict_first.b64 %0, [%1], %2, %3;"
-      : "=l"(p) : "l"(base), "r"(kept), "r"(total));
-  return p;
-}
 __device__ __forceinline__ void hy_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int Pending>
 __device__ __forceinline__ void hy_cp_wait() {
@@ -658,8 +646,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
       tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD,
-      int keep_rows) {
+      float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
   __shared__ int s_tok[DW_CAP];
   __shared__ unsigned s_row[DW_CAP];  // t * D / 8: the token's row in 16-byte units (N * D < 2^31)
@@ -784,14 +771,8 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
         const int idx = bb * DW_BT + k;
         if (idx < m) {
           const unsigned row = s_row[idx];
-          if (keep_rows > 0) {
-            const tw_u32 kept = (tw_u32)keep_rows * (tw_u32)(D * 2), total = (tw_u32)N * (tw_u32)(D * 2);
-            hy_cp16_hint(dst + (2 * k + 0) * DW_THR, x_slice + row, hy_policy_range(X, kept, total));
-            hy_cp16_hint(dst + (2 * k + 1) * DW_THR, dy_slice + row, hy_policy_range(DY, kept, total));
-          } else {
-            hy_cp16(dst + (2 * k + 0) * DW_THR, x_slice + row);
-            hy_cp16(dst + (2 * k + 1) * DW_THR, dy_slice + row);
-          }
+          hy_cp16(dst + (2 * k + 0) * DW_THR, x_slice + row);
+          hy_cp16(dst + (2 * k + 1) * DW_THR, dy_slice + row);
         }
       }
     };
