@@ -28,9 +28,6 @@ _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 # hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
 # values (for experiments/dw_pipeline_sweep.py) compile their own module
 DW_STAGES, DW_BATCH = 2, 6
-# hy_dw: two units an item, their tokens walked together (= HY_DW_PAIR in hybrid.cu; False compiles
-# the one-unit kernel, for A/B runs)
-DW_PAIR = True
 # hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
@@ -101,8 +98,6 @@ def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> 
         defines["HY_FWD_MINB"] = FWD_MIN_BLOCKS
     if name == "hy_dw" and (DW_STAGES, DW_BATCH) != (2, 6):
         defines.update(HY_DW_NS=DW_STAGES, HY_DW_BT=DW_BATCH)
-    if name in ("hy_dw", "hy_dw_plan") and not DW_PAIR:
-        defines["HY_DW_PAIR"] = 0
     return defines
 
 
@@ -243,12 +238,9 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
     part = DW_SPLIT_TOKENS
-    # item_start (+ active pairs, sweep progress, items that do work), partner, scratch
-    plan = torch.empty(3 * d_ff + 4, dtype=torch.int32, device=dev)
-    item_start, partner, pairable = plan[:d_ff + 4], plan[d_ff + 4:2 * d_ff + 4], plan[2 * d_ff + 4:]
+    item_start = torch.empty(d_ff + 3, dtype=torch.int32, device=dev)  # + active pairs, sweep progress
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
-           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(partner), ptr(pairable), i32(d_ff),
-            i32(part)))
+           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     sms = device_properties(dev).multi_processor_count
@@ -260,7 +252,7 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     launch(dw, (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-            ptr(partner), ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
+            ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
             i32(d_ff), i32(width), i32(width_d)),
            shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),

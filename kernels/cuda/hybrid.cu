@@ -52,10 +52,6 @@ constexpr int DW_WARPS = DW_THR / 32;
 #ifndef HY_DW_NS
 #define HY_DW_NS 2
 #endif
-#ifndef HY_DW_PAIR
-#define HY_DW_PAIR 1
-#endif
-constexpr int DW_PAIR = HY_DW_PAIR;  // hy_dw: two units an item (see hy_dw)
 constexpr int DW_BT = HY_DW_BT;     // hy_dw: tokens per batch (two barriers a batch)
 constexpr int DW_NS = HY_DW_NS;     // hy_dw: cp.async stages
 constexpr int DW_MINB = DW_THR < 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas (d_model 4096: shared memory holds one)
@@ -644,90 +640,22 @@ __device__ __forceinline__ int hy_item_unit(const int* __restrict__ item_start, 
   return lo;
 }
 
-// A unit's dW rows, this thread's 8 columns of each, float32.
-struct HyDwAcc {
-  float g[8], u[8], d[8];
-};
-
-__device__ __forceinline__ void hy_dw_acc_zero(HyDwAcc& a) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) a.g[e] = a.u[e] = a.d[e] = 0.f;
-}
-
-__device__ __forceinline__ void hy_axpy8f(float acc[8], const float s, const float v[8]) {
-#pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = fmaf(s, v[e], acc[e]);
-}
-
-__device__ __forceinline__ float hy_dot8f(const float a[8], const float b[8]) {
-  float s = 0.f;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) s = fmaf(a[e], b[e], s);
-  return s;
-}
-
-// dWg, dWu += (dg, du) x_t; dWd += h dy_t too where the batch recomputed h (else the dot phase added it)
-__device__ __forceinline__ void hy_dw_axpy_token(HyDwAcc& a, const float coef[3], const uint4 xq, const uint4 dq,
-                                                 bool with_d) {
-  float f[8];
-  hy_unpack8(xq, f);
-  hy_axpy8f(a.g, coef[0], f);
-#if HY_GATED
-  hy_axpy8f(a.u, coef[1], f);
-#endif
-  if (with_d) {
-    hy_unpack8(dq, f);
-    hy_axpy8f(a.d, coef[2], f);
-  }
-}
-
-// Unit j's dW rows from this thread's accumulators: bf16/fp16 rows, or (a unit split over several
-// items) float32 atomics into ACC, written out by hy_dw_finish.
-__device__ __forceinline__ void hy_dw_store(const HyDwAcc& a, int j, bool split, float* __restrict__ ACC,
-                                            tw_u16* __restrict__ DWG, tw_u16* __restrict__ DWU,
-                                            tw_u16* __restrict__ DWDT) {
-  const int tid = threadIdx.x;
-  if (split) {
-    float* acc = ACC + (size_t)j * 3 * D + tid * 8;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      atomicAdd(acc + k, a.g[k]);
-      atomicAdd(acc + 2 * D + k, a.d[k]);
-#if HY_GATED
-      atomicAdd(acc + D + k, a.u[k]);
-#endif
-    }
-    return;
-  }
-  tw_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(a.g), tw_policy_stream());
-#if HY_GATED
-  tw_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(a.u), tw_policy_stream());
-#endif
-  tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(a.d), tw_policy_stream());
-}
-
-// Units in flight: every running item re-reads x and dy from DRAM once per wave of running items
-// (ncu: 80% of DRAM bandwidth, 29% L2 hits at 16384 tokens), so an item takes two units whose
-// accumulators fit the registers together (DW_PAIR), and walks both units' tokens merged in token
-// order: the same wave of CTAs then covers twice the units.
 extern "C" __global__ void __launch_bounds__(DW_THR, DW_MINB)
 hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
       const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
       const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
       tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      const int* __restrict__ partner, float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S,
-      int N, int FF, int W, int WD) {
+      float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD) {
   extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
-  __shared__ int s_tok[DW_CAP];     // token << 1 | which unit of the item
+  __shared__ int s_tok[DW_CAP];
   __shared__ unsigned s_row[DW_CAP];  // t * D / 8: the token's row in 16-byte units (N * D < 2^31)
   __shared__ int s_rank[DW_CAP];
   __shared__ float2 s_au[DW_CAP];
   __shared__ float s_part[DW_WARPS][3 * DW_BT];
   __shared__ float s_coef[DW_BT][3];
   __shared__ int s_wsum[DW_WARPS];
-  // lo, hi, items of the unit, unit, first word of the walk, second unit (-1: none, -2: no work)
-  volatile __shared__ int s_range[6];
+  volatile __shared__ int s_range[5];  // lo, hi, items of the unit, unit, first word of the walk
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
@@ -744,10 +672,9 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
     s_range[2] = n_items;
     s_range[3] = unit;
-    s_range[5] = (DW_PAIR && n_items == 1) ? __ldg(partner + unit) : -1;
     int first_word = 0;
     if (sweep > 0 && n_items == 1) {  // split units keep token order: their items share one list
-      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
+      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF), 1);
       float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
       phase -= floorf(phase);
       first_word = min((int)(phase * (float)WC), WC - 1);
@@ -756,42 +683,38 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     }
   }
   __syncthreads();
-  if (s_range[5] == -2) {  // the second unit of a pair: its first unit's item takes it
-    __syncthreads();
-    continue;
-  }
   const int j = s_range[3];
 
-  // wd is used for every token; wg and wu only to recompute pairs past the ELL width (re-read then)
-  float wd[8], wd2[8];
+  // wd is used for every token; wg and wu only to recompute pairs past the ELL width: kept packed
+  float wd[8];
   hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, tw_policy_stream()), wd);
-  if (s_range[5] >= 0) {
-    hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)s_range[5] * D) + tid, tw_policy_stream()),
-               wd2);
-  } else {
+  const uint4 wgq = tw_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, tw_policy_stream());
+#if HY_GATED
+  const uint4 wuq = tw_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, tw_policy_stream());
+  float au[8];
+#endif
+  float ag[8], ad[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) wd2[e] = 0.f;
+  for (int k = 0; k < 8; ++k) {
+    ag[k] = 0.f;
+    ad[k] = 0.f;
+#if HY_GATED
+    au[k] = 0.f;
+#endif
   }
-  HyDwAcc acc, acc2;
-  hy_dw_acc_zero(acc);
-  hy_dw_acc_zero(acc2);
 
   const tw_u32* mc = mcol + (size_t)j * WC;
-  const tw_u32* mc2 = mcol + (size_t)max(s_range[5], 0) * WC;
-  int seen = 0;  // list entries of this item in earlier rounds
+  int seen = 0;  // tokens of unit j in earlier rounds
 #pragma unroll 1
   for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
     // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
-    tw_u32 words[DW_WPT], words2[DW_WPT];
+    tw_u32 words[DW_WPT];
     int cnt = 0;
-    const bool paired = s_range[5] >= 0;
 #pragma unroll
     for (int q = 0; q < DW_WPT; ++q) {
       const int wr = cw + tid * DW_WPT + q;  // position in the walk
-      const int wi = hy_walk_word(wr, s_range[4], WC);
-      words[q] = (wr < WC) ? __ldg(mc + wi) : 0u;
-      words2[q] = (paired && wr < WC) ? __ldg(mc2 + wi) : 0u;
-      cnt += __popc(words[q]) + __popc(words2[q]);
+      words[q] = (wr < WC) ? __ldg(mc + hy_walk_word(wr, s_range[4], WC)) : 0u;
+      cnt += __popc(words[q]);
     }
     int incl = tw_warp_scan(cnt, lane);
     __syncthreads();  // previous round's s_wsum reads are done
@@ -804,7 +727,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       if (w < warp) off += s;
       total += s;
     }
-    // this item's part of the round: round positions [first, last) (a pair's item takes all)
+    // this item's part of the round: round positions [first, last)
     const int first = s_range[0] - seen > 0 ? s_range[0] - seen : 0;
     const int last = hy_min(total, s_range[1] - seen);
     seen += total;
@@ -816,23 +739,20 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
         int p = off;
 #pragma unroll
         for (int q = 0; q < DW_WPT; ++q) {
-          const int tok0 = hy_walk_word(cw + tid * DW_WPT + q, s_range[4], WC) << 5;
-#pragma unroll
-          for (int which = 0; which < 2; ++which) {  // in a word, the first unit's tokens, then the second's
-            tw_u32 wq = which ? words2[q] : words[q];
-            while (wq) {
-              const int bit = __ffs(wq) - 1;
-              wq &= wq - 1u;
-              if (p >= base && p < base + m) s_tok[p - base] = ((tok0 + bit) << 1) | which;
-              ++p;
-            }
+          tw_u32 wq = words[q];
+          const int wi = hy_walk_word(cw + tid * DW_WPT + q, s_range[4], WC);
+          while (wq) {
+            const int bit = __ffs(wq) - 1;
+            wq &= wq - 1u;
+            if (p >= base && p < base + m) s_tok[p - base] = (wi << 5) + bit;
+            ++p;
           }
         }
       }
       __syncthreads();
       for (int k = tid; k < m; k += DW_THR) {
-        const int e = s_tok[k], t = e >> 1;
-        const int r = hy_rank(mrow, tprefix, t, (e & 1) ? s_range[5] : j, nw, nt);
+        const int t = s_tok[k];
+        const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
         s_row[k] = (unsigned)t * (unsigned)(D / 8);
         s_rank[k] = r;
         s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
@@ -878,38 +798,25 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       // partial dot products over this thread's 8 columns, reduced over the CTA. Where every pair of
       // the batch has its (a, u) stored, h is known now and dWd takes its axpy here, from the dy just
       // unpacked; a batch that recomputes takes it after the barrier, with the recomputed h. Each
-      // thread adds a unit's tokens in list order either way.
-      // a batch that recomputes (a, u) needs both units' gate and up rows: loaded once a batch
-      uint4 wq[4];  // wg, wu of the first unit, then of the second
-      if (recompute) {
-        const size_t units[2] = {(size_t)j, (size_t)max(s_range[5], 0)};
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          wq[2 * i] = tw_ld16(reinterpret_cast<const uint4*>(WG + units[i] * D) + tid, tw_policy_stream());
-          wq[2 * i + 1] = HY_GATED ? tw_ld16(reinterpret_cast<const uint4*>(WU + units[i] * D) + tid, tw_policy_stream())
-                                   : hy_zero4();
-        }
-      }
+      // thread adds its tokens in list order either way.
       float part[3 * DW_BT];
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
         float fy[8];
         hy_unpack8(k < kn ? ys[2 * k * DW_THR] : hy_zero4(), fy);
-        const bool second = k < kn && (s_tok[k0 + k] & 1);
-        float pd, pg = 0.f, pu = 0.f;
-        if (second) {
-          pd = hy_dot8f(fy, wd2);
-        } else {
-          pd = hy_dot8f(fy, wd);
-        }
+        float pd = 0.f, pg = 0.f, pu = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) pd = fmaf(fy[e], wd[e], pd);
         if (recompute) {
           float fx[8], fw[8];
           hy_unpack8(k < kn ? xs[2 * k * DW_THR] : hy_zero4(), fx);
-          hy_unpack8(second ? wq[2] : wq[0], fw);
-          pg = hy_dot8f(fx, fw);
+          hy_unpack8(wgq, fw);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], fw[e], pg);
 #if HY_GATED
-          hy_unpack8(second ? wq[3] : wq[1], fw);
-          pu = hy_dot8f(fx, fw);
+          hy_unpack8(wuq, fw);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], fw[e], pu);
 #endif
         } else if (k < kn) {
           const float2 au_k = s_au[k0 + k];
@@ -918,11 +825,8 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 #else
           const float h = au_k.x;
 #endif
-          if (second) {
-            hy_axpy8f(acc2.d, h, fy);
-          } else {
-            hy_axpy8f(acc.d, h, fy);
-          }
+#pragma unroll
+          for (int e = 0; e < 8; ++e) ad[e] = fmaf(h, fy[e], ad[e]);
         }
         part[3 * k + 0] = pd;
         part[3 * k + 1] = pg;
@@ -958,7 +862,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
           pg += s_part[w][3 * k + 1];
           pu += s_part[w][3 * k + 2];
         }
-        const int t = s_tok[k0 + k] >> 1;
+        const int t = s_tok[k0 + k];
         const int rank = s_rank[k0 + k];
         float a, u;
         if (rank < W) {
@@ -990,36 +894,47 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < DW_BT; ++k) {
-        if (k < kn) {  // a branch, not a reference to either: the accumulators stay in registers
-          if (s_tok[k0 + k] & 1) {
-            hy_dw_axpy_token(acc2, s_coef[k], xs[2 * k * DW_THR], ys[2 * k * DW_THR], recompute);
-          } else {
-            hy_dw_axpy_token(acc, s_coef[k], xs[2 * k * DW_THR], ys[2 * k * DW_THR], recompute);
-          }
+        if (k < kn) {
+          const uint4 xq = xs[2 * k * DW_THR];
+          hy_axpy8(ag, s_coef[k][0], xq);
+#if HY_GATED
+          hy_axpy8(au, s_coef[k][1], xq);
+#endif
+          if (recompute) hy_axpy8(ad, s_coef[k][2], ys[2 * k * DW_THR]);
         }
       }
     }
     }
   }
   hy_cp_wait<0>();
-  hy_dw_store(acc, j, s_range[2] > 1, ACC, DWG, DWU, DWDT);
-  if (s_range[5] >= 0) hy_dw_store(acc2, s_range[5], false, ACC, DWG, DWU, DWDT);
+  if (s_range[2] > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
+    float* acc = ACC + (size_t)j * 3 * D + tid * 8;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      atomicAdd(acc + k, ag[k]);
+      atomicAdd(acc + 2 * D + k, ad[k]);
+#if HY_GATED
+      atomicAdd(acc + D + k, au[k]);
+#endif
+    }
+  } else {
+    tw_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), tw_policy_stream());
+#if HY_GATED
+    tw_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), tw_policy_stream());
+#endif
+    tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), tw_policy_stream());
+  }
   __syncthreads();  // shared lists and partials are reused by the next item
   }
 }
 
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
 // (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then the active
-// pairs (item_start[FF + 1]), hy_dw's sweep progress counter, zeroed (item_start[FF + 2]), and the
-// items that do work (item_start[FF + 3]). partner[j]: the units of one item each (at most `part`
-// tokens) are paired in index order; the first of a pair gets the second's index, the second -2, a
-// unit without a partner (split over items, or the last one) -1. `pairable` (FF entries) is scratch:
-// the pairable units in index order.
+// pairs (item_start[FF + 1]) and hy_dw's sweep progress counter, zeroed (item_start[FF + 2]).
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 
 extern "C" __global__ void __launch_bounds__(1024)
-hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* partner, int* pairable, int FF,
-           int part) {
+hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int part) {
   __shared__ int warp_sums[32];
   __shared__ int s_pairs;
   if (threadIdx.x == 0) s_pairs = 0;
@@ -1027,26 +942,15 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* partner,
   for (int j = threadIdx.x; j <= FF; j += 1024) {
     const int count = j < FF ? __ldg(neuron_counts + j) : 0;
     item_start[j] = j < FF ? hy_unit_items(count, part) : 0;
-    if (j < FF) partner[j] = count <= part;  // one item: pairable
     pairs += count;
   }
   for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
   __syncthreads();
   if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
-  const int items = tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
-  const int singles = tw_block_exclusive_scan<1024>(partner, FF, warp_sums);  // partner[j]: rank among them
-  for (int j = threadIdx.x; j < FF; j += 1024) {
-    if (__ldg(neuron_counts + j) <= part) pairable[partner[j]] = j;
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < FF; j += 1024) {
-    const int r = partner[j];
-    partner[j] = __ldg(neuron_counts + j) > part ? -1 : (r & 1) ? -2 : (r + 1 < singles ? pairable[r + 1] : -1);
-  }
+  tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
   if (threadIdx.x == 0) {
     item_start[FF + 1] = s_pairs;
     item_start[FF + 2] = 0;
-    item_start[FF + 3] = items - (DW_PAIR ? singles / 2 : 0);
   }
 }
 

@@ -209,26 +209,6 @@ def test_dw_token_sweep_changes_only_the_order(n, mean_active, monkeypatch):
         assert rel(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("split", [8, 1 << 30])
-def test_dw_pairs_change_only_the_order(split, monkeypatch):
-    # hy_dw with two units an item (their tokens merged in token order, a unit's accumulators picked
-    # per token) and with one: the same gradients, within float32 reordering. Split units (split 8:
-    # most of them) stay alone, and pairs past the ELL width recompute (a, u) for their own unit
-    from sparse_llm.kernels import hybrid
-
-    monkeypatch.setattr(hybrid, "DW_SPLIT_TOKENS", split)
-    cases = [make_inputs(701, 256, 576, torch.bfloat16, mean_active=10, adversarial=True),
-             make_inputs(3000, 256, 512, torch.float16, gated=False, mean_active=6, dense_unit=True)]
-    for inputs, width in zip(cases, (4, 8)):
-        results = {}
-        for pair in (False, True):
-            monkeypatch.setattr(hybrid, "DW_PAIR", pair)
-            check_case(*inputs, width=width)
-            results[pair] = run_ours(*inputs, 0.05, width)[4]
-        for a, b in zip(results[True], results[False]):
-            assert rel(a, b) < 1e-4
-
-
 @pytest.mark.parametrize("rows,units", [(1 << 20, 0), (3, 16), (256, 128), (64, 1 << 30)])
 def test_split_rows(rows, units, monkeypatch):
     # hy_forward and hy_dx with long rows split over ROW_PARTS warps: every row (empty ones too),
