@@ -40,7 +40,7 @@ DW_SWEEP = os.environ.get("SPARSE_LLM_DW_SWEEP", "1") != "0"
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
 SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
-BACKWARD_ELL_WIDTH = 512  # floor of the (dg, du) ELL's width, see backward_ell_width
+BACKWARD_ELL_WIDTH = 2048  # floor of the (dg, du) ELL's width, see backward_ell_width
 ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
 # hy_forward's __launch_bounds__ min-blocks (1: 168 registers, 3 CTAs of 4 warps per SM).
 FWD_MIN_BLOCKS = 1
@@ -55,8 +55,11 @@ def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
 
 def backward_ell_width(width: int, d_ff: int) -> int:
     """Width of the (dg, du) ELL that hy_dw hands to hy_dx: wider than the saved (a, u) ELL, since it
-    lives only through the backward (N x 512 x 8 bytes), so that hy_dx recomputes (three extra row
-    reads a pair) only for rows past BACKWARD_ELL_WIDTH units."""
+    lives only through one layer's backward (N x 2048 x 8 bytes: 268 MB at 16384 tokens), so that hy_dx
+    recomputes (three extra row reads and dot products a pair) only past BACKWARD_ELL_WIDTH units. The
+    first positions of a sequence reach thousands of units in models' deep layers: with 512, a sixth
+    of such a layer's pairs were recomputed and hy_dx ran 4x its usual time (experiments/dw_model.py,
+    long_rows_ab.py)."""
     return max(width, min(BACKWARD_ELL_WIDTH, d_ff))
 
 
@@ -238,7 +241,7 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
     part = DW_SPLIT_TOKENS
-    item_start = torch.empty(d_ff + 3, dtype=torch.int32, device=dev)  # + active pairs, sweep progress
+    item_start = torch.empty(d_ff + 4, dtype=torch.int32, device=dev)  # + the sweep's inputs (hy_dw_plan)
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
            (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only

@@ -595,7 +595,8 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // items drift apart and read all of x and dy at once. So a one-item unit starts its walk at the
 // token where the running items are now: the position a walk would have reached if every item had
 // started at the kernel's start, i.e. the pairs done by all CTAs (`progress`) over the pairs all of
-// them do in one average item (sweep x pairs / items), modulo 1, times N; it then wraps around. The
+// them do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1, times N; it
+// then wraps around. The
 // running items so walk through the same tokens together. Only the order changes: every token of the
 // unit is still visited once.
 
@@ -674,7 +675,10 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     s_range[3] = unit;
     int first_word = 0;
     if (sweep > 0 && n_items == 1) {  // split units keep token order: their items share one list
-      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF), 1);
+      // a one-item walk covers all N tokens in the time its CTA does its unit's pairs (the mean over
+      // one-item units: split units' items are longer and were once counted in, which made the
+      // phase lag the walks in models, where a hundred units a layer are split)
+      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
       float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
       phase -= floorf(phase);
       first_word = min((int)(phase * (float)WC), WC - 1);
@@ -929,28 +933,39 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 }
 
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
-// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then the active
-// pairs (item_start[FF + 1]) and hy_dw's sweep progress counter, zeroed (item_start[FF + 2]).
+// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
+// inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
+// (item_start[FF + 2]), and the number of one-item units (item_start[FF + 3]).
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 
 extern "C" __global__ void __launch_bounds__(1024)
 hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int part) {
   __shared__ int warp_sums[32];
-  __shared__ int s_pairs;
-  if (threadIdx.x == 0) s_pairs = 0;
-  int pairs = 0;
+  __shared__ int s_pairs, s_units;
+  if (threadIdx.x == 0) s_pairs = s_units = 0;
+  int pairs = 0, units = 0;  // of the one-item units
   for (int j = threadIdx.x; j <= FF; j += 1024) {
     const int count = j < FF ? __ldg(neuron_counts + j) : 0;
     item_start[j] = j < FF ? hy_unit_items(count, part) : 0;
-    pairs += count;
+    if (j < FF && count <= part) {
+      pairs += count;
+      ++units;
+    }
   }
-  for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
+  for (int o = 16; o > 0; o >>= 1) {
+    pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
+    units += __shfl_xor_sync(0xFFFFFFFFu, units, o);
+  }
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(&s_pairs, pairs);
+    atomicAdd(&s_units, units);
+  }
   tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
   if (threadIdx.x == 0) {
     item_start[FF + 1] = s_pairs;
     item_start[FF + 2] = 0;
+    item_start[FF + 3] = s_units;
   }
 }
 

@@ -6,7 +6,7 @@ at the uniform benchmark's rate per pair; and the row lengths (active units per 
 enough to be split over warps in hy_forward / hy_dx). Where hy_dw runs far over that rate, its inputs (heavy units,
 token order) and not its per-pair cost are what the model pays for.
 
-    [DW_MODEL_SPLIT_ROWS=256,1024] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
+    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
 """
 import os
 import sys
@@ -26,6 +26,9 @@ target = float(sys.argv[2]) if len(sys.argv) > 2 else 29.0
 only = {int(a) for a in sys.argv[3:]}
 # SPLIT_ROWS values to time (the first one is the row printed); e.g. DW_MODEL_SPLIT_ROWS=256,1024
 variants = [int(v) for v in os.environ.get("DW_MODEL_SPLIT_ROWS", str(hybrid.SPLIT_ROWS)).split(",")]
+# DW_SPLIT_TOKENS values to time besides the default; e.g. DW_MODEL_DW_SPLITS=256,1024
+default_split = hybrid.DW_SPLIT_TOKENS
+dw_splits = [int(v) for v in os.environ.get("DW_MODEL_DW_SPLITS", "").split(",") if v]
 UNIFORM_NS_PER_PAIR = 2.14  # hy_dw on the uniform benchmark, 16384 tokens (experiments/kernel_scaling.py)
 world = init_distributed("cuda")
 
@@ -39,7 +42,7 @@ with tempfile.TemporaryDirectory() as tmp:
     tokens = trainer.train_loader.next_batch()[0].to(world.device)
     calibrate_gate_sparsity(trainer.model, tokens, target)
     print(f"{model_name}: {tokens.numel()} tokens; split units: >= {hybrid.DW_SPLIT_TOKENS} tokens")
-    print(f"layer | pairs/token | unit tokens mean max split | rows max >={hybrid.SPLIT_ROW_UNITS} >=512 >=2048 | "
+    print(f"layer | pairs/token | unit tokens mean max split | rows max >={hybrid.SPLIT_ROW_UNITS} >=512 >=2048, pairs past the ELL | "
           "hy_forward hy_dw hy_dx ms | hy_dw at uniform rate ms")
     totals = [0.0, 0.0]
     for layer, (ffn, x) in enumerate(_ffn_inputs(trainer.model, tokens)):
@@ -63,6 +66,11 @@ with tempfile.TemporaryDirectory() as tmp:
             ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
             print(f"{layer:5d} | split_rows {split_rows}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
         hybrid.SPLIT_ROWS = variants[0]
+        for split_tokens in dw_splits:  # other unit splits, for comparison
+            hybrid.DW_SPLIT_TOKENS = split_tokens
+            ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+            print(f"{layer:5d} | dw split {split_tokens}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
+        hybrid.DW_SPLIT_TOKENS = default_split
         ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
         pairs = units.sum().item()
         uniform = pairs * UNIFORM_NS_PER_PAIR / 1e6
@@ -70,7 +78,8 @@ with tempfile.TemporaryDirectory() as tmp:
         totals[1] += uniform
         print(f"{layer:5d} | {pairs / x.shape[0]:5.1f} | {units.mean():6.1f} {units.max():6.0f} "
               f"{int((units >= hybrid.DW_SPLIT_TOKENS).sum()):4d} | {rows.max():5.0f} "
-              f"{int((rows >= hybrid.SPLIT_ROW_UNITS).sum()):4d} {int((rows >= 512).sum()):4d} {int((rows >= 2048).sum()):3d} | {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f} | {uniform:.3f}",
+              f"{int((rows >= hybrid.SPLIT_ROW_UNITS).sum()):4d} {int((rows >= 512).sum()):4d} {int((rows >= 2048).sum()):3d} "
+              f"{100 * (rows - hybrid.DEFAULT_ELL_WIDTH).clamp(min=0).sum().item() / max(pairs, 1):4.1f}% | {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f} | {uniform:.3f}",
               flush=True)
     print(f"hy_dw total {totals[0]:.2f} ms, at the uniform rate {totals[1]:.2f} ms")
     trainer.logger.close()
