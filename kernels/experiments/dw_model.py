@@ -10,16 +10,15 @@ token order) and not its per-pair cost are what the model pays for.
 """
 import os
 import sys
-import tempfile
 
 import torch
 
-from sparse_llm.config import compose_config, validate
 from sparse_llm.kernels import hybrid
 from sparse_llm.kernels.bench_training import _kernel_ms
 from sparse_llm.parallel.distributed import init_distributed, shutdown
 from sparse_llm.study.bench_model import _ffn_inputs, _full, calibrate_gate_sparsity
-from sparse_llm.train.run import build_trainer
+
+from calibrated_model import model_trainer  # this folder's scripts run with it on sys.path
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "2b"
 target = float(sys.argv[2]) if len(sys.argv) > 2 else 29.0
@@ -32,13 +31,7 @@ dw_splits = [int(v) for v in os.environ.get("DW_MODEL_DW_SPLITS", "").split(",")
 UNIFORM_NS_PER_PAIR = 2.14  # hy_dw on the uniform benchmark, 16384 tokens (experiments/kernel_scaling.py)
 world = init_distributed("cuda")
 
-with tempfile.TemporaryDirectory() as tmp:
-    cfg = compose_config([f"model={model_name}", "sparsity=l1", "kernel=hybrid", "data=synthetic",
-                          "eval_batches=0", "logging.wandb.mode=disabled", "checkpoint.resume=false",
-                          f"output_dir={tmp}", "telemetry.energy=false"])
-    cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len
-    validate(cfg, 1)
-    trainer = build_trainer(cfg, world)
+with model_trainer(model_name, world) as trainer:
     tokens = trainer.train_loader.next_batch()[0].to(world.device)
     calibrate_gate_sparsity(trainer.model, tokens, target)
     print(f"{model_name}: {tokens.numel()} tokens; split units: >= {hybrid.DW_SPLIT_TOKENS} tokens")
@@ -82,5 +75,4 @@ with tempfile.TemporaryDirectory() as tmp:
               f"{100 * (rows - hybrid.DEFAULT_ELL_WIDTH).clamp(min=0).sum().item() / max(pairs, 1):4.1f}% | {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f} | {uniform:.3f}",
               flush=True)
     print(f"hy_dw total {totals[0]:.2f} ms, at the uniform rate {totals[1]:.2f} ms")
-    trainer.logger.close()
 shutdown()

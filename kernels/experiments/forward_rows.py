@@ -8,29 +8,22 @@ is held up by its longest rows, which one team walks alone.
     PYTHONPATH=$PWD:/tmp/site python kernels/experiments/forward_rows.py [0p5b] [29]
 """
 import sys
-import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparse_llm.config import compose_config, validate
 from sparse_llm.model.ffn import FeedForward
 from sparse_llm.parallel.distributed import init_distributed, shutdown
 from sparse_llm.study.bench_model import calibrate_gate_sparsity, gate_activity
-from sparse_llm.train.run import build_trainer
+
+from calibrated_model import model_trainer  # this folder's scripts run with it on sys.path
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "0p5b"
 target = float(sys.argv[2]) if len(sys.argv) > 2 else 29.0
 UNIFORM_MS_PER_PAIR = 4.2 / (131072 * 29.4)  # the fused stage on the uniform benchmark (NOTES_twell v8)
 world = init_distributed("cuda")
 
-with tempfile.TemporaryDirectory() as tmp:
-    cfg = compose_config([f"model={model_name}", "sparsity=l1", "kernel=hybrid", "data=synthetic",
-                          "eval_batches=0", "logging.wandb.mode=disabled", "checkpoint.resume=false",
-                          f"output_dir={tmp}", "telemetry.energy=false"])
-    cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len
-    validate(cfg, 1)
-    trainer = build_trainer(cfg, world)
+with model_trainer(model_name, world) as trainer:
     tokens = trainer.train_loader.next_batch()[0].to(world.device)
     calibrate_gate_sparsity(trainer.model, tokens, target)
     rows = [active.sum(1).float() for active in gate_activity(trainer.model, tokens)]
@@ -60,5 +53,4 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"{layer:5d} | {lengths.mean():.1f} {lengths.max():.0f} {int((lengths >= 128).sum())} "
               f"{int((lengths >= 512).sum())} | {g:.3f} | {f:.3f} | {lengths.sum().item() * UNIFORM_MS_PER_PAIR:.3f}",
               flush=True)
-    trainer.logger.close()
 shutdown()

@@ -7,27 +7,20 @@ positions of the longest rows, and the hottest unit's token count.
     PYTHONPATH=$PWD:/tmp/site python kernels/experiments/row_lengths.py [0p5b] [29]
 """
 import sys
-import tempfile
 
 import torch
 
-from sparse_llm.config import compose_config, validate
 from sparse_llm.parallel.distributed import init_distributed, shutdown
 from sparse_llm.study.bench_model import calibrate_gate_sparsity, gate_activity
-from sparse_llm.train.run import build_trainer
+
+from calibrated_model import model_trainer  # this folder's scripts run with it on sys.path
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "0p5b"
 target = float(sys.argv[2]) if len(sys.argv) > 2 else 29.0
 world = init_distributed("cuda")
 
 
-with tempfile.TemporaryDirectory() as tmp:
-    cfg = compose_config([f"model={model_name}", "sparsity=l1", "kernel=hybrid", "data=synthetic",
-                          "eval_batches=0", "logging.wandb.mode=disabled", "checkpoint.resume=false",
-                          f"output_dir={tmp}", "telemetry.energy=false"])
-    cfg.tokens_per_step = cfg.micro_batch_size * cfg.model.seq_len
-    validate(cfg, 1)
-    trainer = build_trainer(cfg, world)
+with model_trainer(model_name, world) as trainer:
     calibration = trainer.train_loader.next_batch()[0].to(world.device)
     other = trainer.train_loader.next_batch()[0].to(world.device)
     calibrate_gate_sparsity(trainer.model, calibration, target)
@@ -41,5 +34,4 @@ with tempfile.TemporaryDirectory() as tmp:
         print(f"{layer:5d} | {rows.mean():.1f} {q[0]:.0f} {q[1]:.0f} {rows.max():.0f} | "
               f"{int((rows >= 64).sum())} {int((rows >= 128).sum())} {int((rows >= 512).sum())} | "
               f"{positions} | {int(active.sum(0).max())}", flush=True)
-    trainer.logger.close()
 shutdown()
