@@ -116,8 +116,8 @@ __device__ __forceinline__ float hy_warp_sum(float v) {
 }
 
 // Warp totals of V <= 8 values at once: returns, in lanes 4k .. 4k + 3, the sum over the warp of
-// v[k] (k < V). Each butterfly level keeps half of the values and sends the other half, so 9 shuffles
-// do what 5 V did; every total is the same tree of additions as hy_warp_sum's.
+// v[k] (k < V). Each butterfly level keeps half of the values and sends the other half: 9 shuffles in
+// all, where hy_warp_sum takes 5 a value; every total is the same tree of additions as hy_warp_sum's.
 template <int V>
 __device__ __forceinline__ float hy_warp_sum_by_lane(const float v[V], int lane) {
   static_assert(V >= 1 && V <= 8, "hy_warp_sum_by_lane: 1 to 8 values");
