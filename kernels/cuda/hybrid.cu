@@ -596,9 +596,8 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // token where the running items are now: the position a walk would have reached if every item had
 // started at the kernel's start, i.e. the pairs done by all CTAs (`progress`) over the pairs all of
 // them do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1, times N; it
-// then wraps around. The
-// running items so walk through the same tokens together. Only the order changes: every token of the
-// unit is still visited once.
+// then wraps around. The running items so walk through the same tokens together. Only the order
+// changes: every token of the unit is still visited once.
 
 __device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
   tw_u32 r;
@@ -836,7 +835,8 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
         part[3 * k + 1] = pg;
         part[3 * k + 2] = pu;
       }
-      // lanes 4k .. 4k + 3 end with token k's warp totals (the same sums as a butterfly per value)
+      // lanes 4k .. 4k + 3 end with token k's warp totals (the same sums as a butterfly per value);
+      // the (pg, pu) slots are written only by batches that recompute, the only ones that read them
       const int k_lane = lane >> 2;
       const bool writer = (lane & 3) == 0 && k_lane < DW_BT;
       {
