@@ -333,6 +333,32 @@ __device__ __forceinline__ void hy_zero_acc(float acc[NC][8]) {
 // hy_forward: warp per token (or per part of a long row). Lane l holds columns (c*32 + l)*8 .. +7
 // of x and of y, c < NC. G (the gate GEMM output, [N, FF]) gives a for pairs past the ELL.
 
+// Calls visit(j, rank) for the pairs of a row (bitmask words mr[0 .. nw)) that lie in its words w
+// with w % step == sel (step a power of two: 1 for a whole row, ROW_PARTS for a part of a long one),
+// in ascending unit order; rank counts all of the row's earlier pairs. A part only walks its own
+// words: splitting by rank instead made every part step through every pair of the row.
+template <class Visit>
+__device__ __forceinline__ void hy_row_pairs(const tw_u32* __restrict__ mr, int nw, int sel, int step, Visit&& visit) {
+  const int lane = threadIdx.x & 31;
+  int base = 0;  // pairs in earlier chunks of 32 words
+  for (int wb = 0; wb < nw; wb += 32) {
+    const tw_u32 full = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
+    const int incl = tw_warp_scan(__popc(full), lane);  // pairs in this chunk's words up to lane's
+    tw_u32 word = (((wb + lane) & (step - 1)) == sel) ? full : 0u;
+    for (;;) {
+      const tw_u32 bal = __ballot_sync(TW_FULL_MASK, word != 0u);
+      if (bal == 0u) break;
+      const int src = __ffs(bal) - 1;
+      const tw_u32 ws = __shfl_sync(TW_FULL_MASK, word, src);  // src's pairs not visited yet
+      const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
+      const int rank = base + __shfl_sync(TW_FULL_MASK, incl, src) - __popc(ws);
+      if (lane == src) word &= word - 1u;
+      visit(j, rank);
+    }
+    base += __shfl_sync(TW_FULL_MASK, incl, 31);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, HY_FWD_MINB)
 hy_forward(const tw_u16* __restrict__ X, const tw_u16* __restrict__ G, const tw_u16* __restrict__ WU,
            const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow, tw_u16* __restrict__ Y,
@@ -364,57 +390,49 @@ hy_forward(const tw_u16* __restrict__ X, const tw_u16* __restrict__ G, const tw_
   hy_zero_acc(acc);
 
   float l1 = 0.f;
-  int rank = 0;
-  float a_pref = 0.f;  // lane l: a of the pair of rank 32*(rank/32) + l, from the ELL
-  const tw_u32* mr = mrow + (size_t)t * nw;
+  float a_pref = 0.f;  // whole rows: lane l holds a of the pair of rank 32*(rank/32) + l, from the ELL
   const tw_u16* grow = G + (size_t)t * FF;
-  for (int wb = 0; wb < nw; wb += 32) {
-    tw_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
-    for (;; ++rank) {
-      const tw_u32 bal = __ballot_sync(TW_FULL_MASK, word != 0u);
-      if (bal == 0u) break;
-      const int src = __ffs(bal) - 1;
-      const tw_u32 ws = __shfl_sync(TW_FULL_MASK, word, src);
-      const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
-      if (lane == src) word &= word - 1u;
-
+  hy_row_pairs(mrow + (size_t)t * nw, nw, sel, step, [&](const int j, const int rank) {
+    float a;
+    if (step == 1) {  // every rank in turn: the ELL's a values a warp's load at a time
       if ((rank & 31) == 0 && rank < W) {
         const int r = rank + lane;
         a_pref = (r < W) ? __ldg(&ell[(size_t)t * W + r].x) : 0.f;
       }
       const float a_ell = __shfl_sync(TW_FULL_MASK, a_pref, rank & 31);
-      if ((rank & (step - 1)) != sel) continue;
-      const float a = (rank < W) ? a_ell : tw_to_float(grow[j]);
-      const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
-      uint4 wd[NC];
+      a = (rank < W) ? a_ell : tw_to_float(grow[j]);
+    } else {
+      a = (rank < W) ? __ldg(&ell[(size_t)t * W + rank].x) : tw_to_float(grow[j]);
+    }
+    const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
+    uint4 wd[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wd[c] = tw_ld16(wdr + c * 32 + lane, pol_w);
+    for (int c = 0; c < NC; ++c) wd[c] = tw_ld16(wdr + c * 32 + lane, pol_w);
 #if HY_GATED
-      const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
-      uint4 wu[NC];
+    const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+    uint4 wu[NC];
 #pragma unroll
-      for (int c = 0; c < NC; ++c) wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
-      float p = 0.f;
+    for (int c = 0; c < NC; ++c) wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
+    float p = 0.f;
 #pragma unroll
-      for (int c = 0; c < NC; ++c) p += hy_dot8(xr[c], wu[c]);
-      const float u = hy_warp_sum(p);
-      const float h = a * u;
+    for (int c = 0; c < NC; ++c) p += hy_dot8(xr[c], wu[c]);
+    const float u = hy_warp_sum(p);
+    const float h = a * u;
 #else
-      const float u = 0.f;
-      const float h = a;
+    const float u = 0.f;
+    const float h = a;
 #endif
 #pragma unroll
-      for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], h, wd[c]);
-      if (lane == 0) {
-        if (rank < W) ell[(size_t)t * W + rank] = hy_f2(a, u);
-        if (h != 0.f) {
-          tc[j >> 8] += 1;
-          atomicAdd(neuron_counts + j, 1);
-          l1 += fabsf(h);
-        }
+    for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], h, wd[c]);
+    if (lane == 0) {
+      if (rank < W) ell[(size_t)t * W + rank] = hy_f2(a, u);
+      if (h != 0.f) {
+        tc[j >> 8] += 1;
+        atomicAdd(neuron_counts + j, 1);
+        l1 += fabsf(h);
       }
     }
-  }
+  });
   __syncwarp();
   if (work.part >= 0) {  // a part of a long row: partial sums for hy_rows_finish
     const size_t slot = (size_t)work.index * ROW_PARTS + work.part;
@@ -467,7 +485,7 @@ hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1
 // as hy_forward's. (dg, du) come from ell_d for ranks < W (here: hy_dw's WD), else they are
 // recomputed exactly as hy_dw does.
 
-// acc += the pairs of row t whose rank r satisfies r % step == sel (step a power of two)
+// acc += the pairs of row t in the words w with w % step == sel (hy_row_pairs)
 __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const tw_u16* __restrict__ X,
                                           const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
                                           const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT,
@@ -477,79 +495,66 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
   const tw_u64 pol_w = tw_policy_keep();
   const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
   const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
-  int rank = 0;
-  const tw_u32* mr = mrow + (size_t)t * nw;
-  for (int wb = 0; wb < nw; wb += 32) {
-    tw_u32 word = (wb + lane < nw) ? __ldg(mr + wb + lane) : 0u;
-    for (;; ++rank) {
-      const tw_u32 bal = __ballot_sync(TW_FULL_MASK, word != 0u);
-      if (bal == 0u) break;
-      const int src = __ffs(bal) - 1;
-      const tw_u32 ws = __shfl_sync(TW_FULL_MASK, word, src);
-      const int j = ((wb + src) << 5) + (__ffs(ws) - 1);
-      if (lane == src) word &= word - 1u;
-      if ((rank & (step - 1)) != sel) continue;  // step: a power of two
-
-      float dg, du;
-      if (rank < W) {
-        const float2 e = __ldg(ell_d + (size_t)t * W + rank);
-        dg = e.x;
-        du = e.y;
-      } else {
-        // overflow pair: recompute g, u, dh from x, dy and the unit's weight rows
-        const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
-        const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
-        float pd = 0.f, pg = 0.f;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) {
-          pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
-          pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
-        }
-#if HY_GATED
-        const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
-        float pu = 0.f;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
-        pu = hy_warp_sum(pu);
-#endif
-        pd = hy_warp_sum(pd);
-        pg = hy_warp_sum(pg);
-        const float a = fmaxf(pg, 0.f);
-#if HY_GATED
-        const float h = a * pu;
-        const float dh = pd + dl1 * hy_sign(h);
-        du = dh * a;
-        dg = (a > 0.f) ? dh * pu : 0.f;
-#else
-        const float dh = pd + dl1 * hy_sign(a);
-        dg = (a > 0.f) ? dh : 0.f;
-        du = 0.f;
-        (void)du;
-#endif
-      }
+  hy_row_pairs(mrow + (size_t)t * nw, nw, sel, step, [&](const int j, const int rank) {
+    float dg, du;
+    if (rank < W) {
+      const float2 e = __ldg(ell_d + (size_t)t * W + rank);
+      dg = e.x;
+      du = e.y;
+    } else {
+      // overflow pair: recompute g, u, dh from x, dy and the unit's weight rows
+      const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
       const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+      float pd = 0.f, pg = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
+        pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
+      }
 #if HY_GATED
       const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
-      uint4 wg[NC], wu[NC];
+      float pu = 0.f;
 #pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
-        wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
-      }
-#pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        hy_axpy8(acc[c], dg, wg[c]);
-        hy_axpy8(acc[c], du, wu[c]);
-      }
+      for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
+      pu = hy_warp_sum(pu);
+#endif
+      pd = hy_warp_sum(pd);
+      pg = hy_warp_sum(pg);
+      const float a = fmaxf(pg, 0.f);
+#if HY_GATED
+      const float h = a * pu;
+      const float dh = pd + dl1 * hy_sign(h);
+      du = dh * a;
+      dg = (a > 0.f) ? dh * pu : 0.f;
 #else
-      uint4 wg[NC];
-#pragma unroll
-      for (int c = 0; c < NC; ++c) wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
-#pragma unroll
-      for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
+      const float dh = pd + dl1 * hy_sign(a);
+      dg = (a > 0.f) ? dh : 0.f;
+      du = 0.f;
+      (void)du;
 #endif
     }
-  }
+    const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+#if HY_GATED
+    const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+    uint4 wg[NC], wu[NC];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
+      wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
+    }
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      hy_axpy8(acc[c], dg, wg[c]);
+      hy_axpy8(acc[c], du, wu[c]);
+    }
+#else
+    uint4 wg[NC];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
+#endif
+  });
 }
 
 // d_model <= 512: ask ptxas for 4 resident CTAs (left alone it settles on 40 registers and a small
