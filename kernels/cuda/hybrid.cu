@@ -679,9 +679,8 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
     s_range[3] = unit;
     int first_word = 0;
     if (sweep > 0 && n_items == 1) {  // split units keep token order: their items share one list
-      // a one-item walk covers all N tokens in the time its CTA does its unit's pairs (the mean over
-      // one-item units: split units' items are longer and were once counted in, which made the
-      // phase lag the walks in models, where a hundred units a layer are split)
+      // a one-item walk covers all N tokens in the time its CTA does its unit's pairs: the mean over
+      // the one-item units (split units' longer items would make the phase lag the walks)
       const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
       float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
       phase -= floorf(phase);
@@ -951,8 +950,9 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int p
   int pairs = 0, units = 0;  // of the one-item units
   for (int j = threadIdx.x; j <= FF; j += 1024) {
     const int count = j < FF ? __ldg(neuron_counts + j) : 0;
-    item_start[j] = j < FF ? hy_unit_items(count, part) : 0;
-    if (j < FF && count <= part) {
+    const int items = j < FF ? hy_unit_items(count, part) : 0;
+    item_start[j] = items;
+    if (items == 1) {
       pairs += count;
       ++units;
     }

@@ -26,16 +26,29 @@ only = {int(a) for a in sys.argv[3:]}
 # SPLIT_ROWS values to time (the first one is the row printed); e.g. DW_MODEL_SPLIT_ROWS=256,1024
 variants = [int(v) for v in os.environ.get("DW_MODEL_SPLIT_ROWS", str(hybrid.SPLIT_ROWS)).split(",")]
 # DW_SPLIT_TOKENS values to time besides the default; e.g. DW_MODEL_DW_SPLITS=256,1024
-default_split = hybrid.DW_SPLIT_TOKENS
 dw_splits = [int(v) for v in os.environ.get("DW_MODEL_DW_SPLITS", "").split(",") if v]
 UNIFORM_NS_PER_PAIR = 2.14  # hy_dw on the uniform benchmark, 16384 tokens (experiments/kernel_scaling.py)
+hybrid.SPLIT_ROWS = variants[0]
 world = init_distributed("cuda")
+
+
+def kernel_ms(step, **knobs) -> list[float]:
+    """hy_forward, hy_dw and hy_dx device ms a call of `step`, with the hybrid module's `knobs` set for it."""
+    saved = {name: getattr(hybrid, name) for name in knobs}
+    for name, value in knobs.items():
+        setattr(hybrid, name, value)
+    try:
+        return [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+    finally:
+        for name, value in saved.items():
+            setattr(hybrid, name, value)
+
 
 with model_trainer(model_name, world) as trainer:
     tokens = trainer.train_loader.next_batch()[0].to(world.device)
     calibrate_gate_sparsity(trainer.model, tokens, target)
     print(f"{model_name}: {tokens.numel()} tokens; split units: >= {hybrid.DW_SPLIT_TOKENS} tokens")
-    print(f"layer | pairs/token | unit tokens mean max split | rows max >={hybrid.SPLIT_ROW_UNITS} >=512 >=2048, pairs past the ELL | "
+    print(f"layer | pairs/token | unit tokens mean max split | rows max >={hybrid.SPLIT_ROW_UNITS} >=512 >=2048, pairs past the saved ELL | "
           "hy_forward hy_dw hy_dx ms | hy_dw at uniform rate ms")
     totals = [0.0, 0.0]
     for layer, (ffn, x) in enumerate(_ffn_inputs(trainer.model, tokens)):
@@ -55,16 +68,12 @@ with model_trainer(model_name, world) as trainer:
             return torch.autograd.grad([y, l1], leaves, [dy, dl1])
 
         for split_rows in variants[1:]:  # other bounds on the split rows first, for comparison
-            hybrid.SPLIT_ROWS = split_rows
-            ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+            ms = kernel_ms(step, SPLIT_ROWS=split_rows)
             print(f"{layer:5d} | split_rows {split_rows}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
-        hybrid.SPLIT_ROWS = variants[0]
         for split_tokens in dw_splits:  # other unit splits, for comparison
-            hybrid.DW_SPLIT_TOKENS = split_tokens
-            ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+            ms = kernel_ms(step, DW_SPLIT_TOKENS=split_tokens)
             print(f"{layer:5d} | dw split {split_tokens}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
-        hybrid.DW_SPLIT_TOKENS = default_split
-        ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+        ms = kernel_ms(step)
         pairs = units.sum().item()
         uniform = pairs * UNIFORM_NS_PER_PAIR / 1e6
         totals[0] += ms[1]
