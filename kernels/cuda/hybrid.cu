@@ -936,41 +936,420 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// hy_dw_mma: hy_dw on the tensor cores, two units an item. ncu had hy_dw at 1003 warp instructions a
+// pair (FFMA, bf16 unpacking, the CTA's reductions) and DRAM-bound (each wave of running units reads
+// all of x and dy, and 24 KB of float32 accumulators a unit in registers allowed 264 units in flight).
+// Here a batch is DM_SLOTS (token, unit) pairs of the item's two units, merged in token order; their x
+// and dy rows are staged as the 8 rows of one shared-memory tile (x rows 0-3, dy rows 4-7), and
+//   dot phase: P[8 x 8] = tile . [Wg_A Wu_A Wd_A Wg_B Wu_B Wd_B]^T   (mma m16n8k16, K = d_model split
+//              over the warps, the warps' partials summed in a fixed order): dh from the dy rows,
+//              (a, u) recomputed from the x rows for pairs past the saved ELL;
+//   accumulate: C[d_model x 8] += tile^T . B   (mma m16n8k8, K = the 8 tile rows), where B's columns
+//              are (dg_A, du_A, h_A, dg_B, du_B, h_B): a pair's dg and du sit in its x row, h in its dy
+//              row, zeros elsewhere. B is split into two 16-bit parts (hi + lo), so each coefficient
+//              keeps ~16 bits, as the float32 FMA path does.
+// A warp owns 256 columns of d_model (16 m-tiles, 64 float32 accumulators a thread for six rows of
+// two units). The item loop, the split units and the token sweep are hy_dw's.
+constexpr int DM_SLOTS = 4;                                // pairs per batch
+constexpr int DM_ROW = 2 * D + 16;                         // staged row bytes (+16: conflict-free ldmatrix)
+constexpr int DM_STAGE = 2 * DM_SLOTS * DM_ROW;            // one batch: 4 x rows, 4 dy rows
+constexpr int DM_NS = 3;                                   // cp.async stages
+constexpr int DM_MT = 16;                                  // m-tiles (16 columns) per warp
+constexpr int DM_OUT = D + 4;                              // float32 output rows (staged), padded
+constexpr int DM_CAP = 256;                                // list entries in shared memory at a time
+constexpr int DM_SMEM = DM_NS * DM_STAGE + 2 * DM_ROW;     // dynamic shared memory: stages, Wd^T rows
+constexpr int DM_MINB = 65536 / (DW_THR * 128) < 1 ? 1 : 65536 / (DW_THR * 128);  // 128 registers
+static_assert(6 * DM_OUT * 4 <= DM_NS * DM_STAGE, "the output rows reuse the stages");
+static_assert(DM_SMEM <= 227 * 1024, "hy_dw_mma's stages over the shared memory of one CTA");
+static_assert(DW_WARPS * 256 == D, "a warp owns 256 columns");
+
+#if HY_DTYPE == 0
+#define HY_MMA_T "bf16"
+#else
+#define HY_MMA_T "f16"
+#endif
+
+__device__ __forceinline__ void hy_ldsm_x2(tw_u32 addr, tw_u32& r0, tw_u32& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void hy_ldsm_x4_t(tw_u32 addr, tw_u32& r0, tw_u32& r1, tw_u32& r2, tw_u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void hy_mma16816(float (&d)[4], tw_u32 a0, tw_u32 a1, tw_u32 a2, tw_u32 a3, tw_u32 b0,
+                                            tw_u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." HY_MMA_T "." HY_MMA_T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void hy_mma1688(float (&d)[4], tw_u32 a0, tw_u32 a1, tw_u32 b0) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32." HY_MMA_T "." HY_MMA_T ".f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+}
+__device__ __forceinline__ void hy_cp16s(tw_u32 smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(DW_THR, DM_MINB)
+hy_dw_mma(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+          const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+          const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+          const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
+          tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
+          const int* __restrict__ partner, float* __restrict__ ACC, int* __restrict__ progress, int sweep,
+          int S, int N, int FF, int W, int WD) {
+  extern __shared__ __align__(128) unsigned char dm_smem[];
+  __shared__ int s_tok[DM_CAP];       // token << 1 | which unit of the item
+  __shared__ unsigned s_row[DM_CAP];  // t * D / 8: the token's row in 16-byte units
+  __shared__ int s_rank[DM_CAP];
+  __shared__ float2 s_au[DM_CAP];
+  // the warps' dot-phase partials: [tile row][column]; dy rows (4-7): columns 0, 1 = dy . Wd of unit
+  // A, B; x rows (0-3, batches that recompute): columns 2-5 = x . (Wg_A, Wu_A, Wg_B, Wu_B)
+  __shared__ float s_part[2][DW_WARPS][8][6];  // double-buffered by batch parity
+  __shared__ int s_wsum[DW_WARPS];
+  // lo, hi, items of the unit, unit, first word of the walk, second unit (-1: none, -2: no work)
+  volatile __shared__ int s_range[6];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;  // mma fragment coordinates
+  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
+  const tw_u32 smem = hy_smem_addr(dm_smem);
+  const tw_u32 s_w = smem + DM_NS * DM_STAGE;
+  const float dl1 = __ldg(dl1p);
+
+#pragma unroll 1
+  for (int item = blockIdx.x; item < __ldg(item_start + FF); item += gridDim.x) {
+  if (warp == 0) {
+    const int unit = hy_item_unit(item_start, FF, item);
+    if (lane == 0) {
+    const int k_item = item - __ldg(item_start + unit);
+    const int n_items = __ldg(item_start + unit + 1) - __ldg(item_start + unit);
+    s_range[0] = k_item * S;
+    s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
+    s_range[2] = n_items;
+    s_range[3] = unit;
+    s_range[5] = n_items == 1 ? __ldg(partner + unit) : -1;
+    int first_word = 0;
+    if (sweep > 0 && n_items == 1) {
+      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
+      float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
+      phase -= floorf(phase);
+      first_word = min((int)(phase * (float)WC), WC - 1);
+    }
+    s_range[4] = first_word;
+    }
+  }
+  __syncthreads();
+  if (s_range[5] == -2) {  // the second unit of a pair: its partner's item takes it
+    __syncthreads();
+    continue;
+  }
+  const int j = s_range[3];
+  const int j2 = s_range[5] >= 0 ? s_range[5] : j;  // no partner: unit j's rows again (never read)
+  hy_cp16s(s_w + 16 * tid, WDT + (size_t)j * D + 8 * tid);
+  hy_cp16s(s_w + DM_ROW + 16 * tid, WDT + (size_t)j2 * D + 8 * tid);
+  hy_cp_commit();
+  float acc[DM_MT][4];
+#pragma unroll
+  for (int i = 0; i < DM_MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  const tw_u32* mc = mcol + (size_t)j * WC;
+  const tw_u32* mc2 = mcol + (size_t)max(s_range[5], 0) * WC;
+  int seen = 0;  // list entries of this item in earlier rounds
+#pragma unroll 1
+  for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
+    tw_u32 words[DW_WPT], words2[DW_WPT];
+    int cnt = 0;
+    const bool paired = s_range[5] >= 0;
+#pragma unroll
+    for (int q = 0; q < DW_WPT; ++q) {
+      const int wr = cw + tid * DW_WPT + q;
+      const int wi = hy_walk_word(wr, s_range[4], WC);
+      words[q] = (wr < WC) ? __ldg(mc + wi) : 0u;
+      words2[q] = (paired && wr < WC) ? __ldg(mc2 + wi) : 0u;
+      cnt += __popc(words[q]) + __popc(words2[q]);
+    }
+    int incl = tw_warp_scan(cnt, lane);
+    __syncthreads();
+    if (lane == 31) s_wsum[warp] = incl;
+    __syncthreads();
+    int off = incl - cnt, total = 0;
+#pragma unroll
+    for (int w = 0; w < DW_WARPS; ++w) {
+      const int s = s_wsum[w];
+      if (w < warp) off += s;
+      total += s;
+    }
+    const int first = s_range[0] - seen > 0 ? s_range[0] - seen : 0;
+    const int last = hy_min(total, s_range[1] - seen);
+    seen += total;
+    for (int base = first; base < last; base += DM_CAP) {
+      const int m = hy_min(DM_CAP, last - base);
+      __syncthreads();  // previous list and stages fully consumed
+      if (off < base + m && off + cnt > base) {
+        int p = off;
+#pragma unroll
+        for (int q = 0; q < DW_WPT; ++q) {
+          const int tok0 = hy_walk_word(cw + tid * DW_WPT + q, s_range[4], WC) << 5;
+#pragma unroll
+          for (int which = 0; which < 2; ++which) {
+            tw_u32 wq = which ? words2[q] : words[q];
+            while (wq) {
+              const int bit = __ffs(wq) - 1;
+              wq &= wq - 1u;
+              if (p >= base && p < base + m) s_tok[p - base] = ((tok0 + bit) << 1) | which;
+              ++p;
+            }
+          }
+        }
+      }
+      __syncthreads();
+      for (int k = tid; k < m; k += DW_THR) {
+        const int e = s_tok[k], t = e >> 1;
+        const int r = hy_rank(mrow, tprefix, t, (e & 1) ? j2 : j, nw, nt);
+        s_row[k] = (unsigned)t * (unsigned)(D / 8);
+        s_rank[k] = r;
+        s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
+      }
+      __syncthreads();
+      const int nb = (m + DM_SLOTS - 1) / DM_SLOTS;
+      // slot k of batch bb: x row at tile row k, dy row at tile row 4 + k; slots past m repeat the
+      // last pair's rows (finite values; their B rows are zero)
+      auto issue = [&](int bb) {
+        const tw_u32 dst = smem + (bb % DM_NS) * DM_STAGE + 16 * tid;
+#pragma unroll
+        for (int k = 0; k < DM_SLOTS; ++k) {
+          const unsigned row = s_row[hy_min(bb * DM_SLOTS + k, m - 1)];
+          hy_cp16s(dst + k * DM_ROW, reinterpret_cast<const uint4*>(X) + row + tid);
+          hy_cp16s(dst + (DM_SLOTS + k) * DM_ROW, reinterpret_cast<const uint4*>(DY) + row + tid);
+        }
+      };
+      // Iteration b: the dot phase of batch b and the accumulation of batch b - 1, one barrier apart:
+      // stage b % 3 is read by the dot phase, (b - 1) % 3 by the accumulation, (b + 1) % 3 is loading.
+      issue(0);
+      hy_cp_commit();
+      for (int b = 0; b <= nb; ++b) {
+        hy_cp_wait<0>();
+        __syncthreads();  // batch b landed; batch b - 1's partials are complete; batch b - 2's stage is free
+        if (b + 1 < nb) issue(b + 1);
+        hy_cp_commit();
+        if (b < nb) {  // ---- dot phase over this warp's 256 columns: partials of batch b into s_part[b & 1]
+          const tw_u32 tile = smem + (b % DM_NS) * DM_STAGE;
+          const int k0 = b * DM_SLOTS;
+          const int kn = hy_min(DM_SLOTS, m - k0);
+          bool recompute = false;
+#pragma unroll
+          for (int k = 0; k < DM_SLOTS; ++k) recompute |= k < kn && s_rank[k0 + k] >= W;
+          const tw_u32 a_addr = tile + (lane & 7) * DM_ROW + 2 * (warp * 256 + 8 * ((lane >> 3) & 1));
+          const tw_u32 b_addr = s_w + (lane & 1) * DM_ROW + 2 * (warp * 256 + 8 * ((lane >> 3) & 1));
+          float p0[4] = {0.f, 0.f, 0.f, 0.f}, p1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int kk = 0; kk < 16; kk += 4) {  // fragments of four k-steps loaded before their products
+            tw_u32 fa[4][2], fb[4][2];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              hy_ldsm_x2(a_addr + 32 * (kk + q), fa[q][0], fa[q][1]);
+              hy_ldsm_x2(b_addr + 32 * (kk + q), fb[q][0], fb[q][1]);  // columns: Wd^T of A, B, A, B, ...
+            }
+#pragma unroll
+            for (int q = 0; q < 4; q += 2) {  // tile rows 8-15 repeat rows 0-7 (unused)
+              hy_mma16816(p0, fa[q][0], fa[q][0], fa[q][1], fa[q][1], fb[q][0], fb[q][1]);
+              hy_mma16816(p1, fa[q + 1][0], fa[q + 1][0], fa[q + 1][1], fa[q + 1][1], fb[q + 1][0], fb[q + 1][1]);
+            }
+          }
+          if (c == 0 && g >= DM_SLOTS) {
+            s_part[b & 1][warp][g][0] = p0[0] + p1[0];
+            s_part[b & 1][warp][g][1] = p0[1] + p1[1];
+          }
+          if (recompute) {  // (a, u) of pairs past the saved ELL: x . Wg and x . Wu (weight rows from global)
+            const tw_u16* wrow = (g & 1 ? (HY_GATED ? WU : WG) : WG) + (size_t)(g & 2 ? j2 : j) * D + warp * 256 + 2 * c;
+            float q0[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+            for (int kk = 0; kk < 16; ++kk) {
+              tw_u32 a0, a2;
+              hy_ldsm_x2(a_addr + 32 * kk, a0, a2);
+              const tw_u32 b0 = __ldg(reinterpret_cast<const unsigned*>(wrow + 16 * kk));
+              const tw_u32 b1 = __ldg(reinterpret_cast<const unsigned*>(wrow + 16 * kk + 8));
+              hy_mma16816(q0, a0, a0, a2, a2, b0, b1);  // columns g: Wg_A, Wu_A, Wg_B, Wu_B, then repeats
+            }
+            if (c < 2 && g < DM_SLOTS) {
+              s_part[b & 1][warp][g][2 + 2 * c] = q0[0];
+              s_part[b & 1][warp][g][3 + 2 * c] = q0[1];
+            }
+          }
+        }
+        if (b >= 1) {  // ---- accumulation of batch b - 1
+          const int bp = b - 1;
+          const tw_u32 tile = smem + (bp % DM_NS) * DM_STAGE;
+          const int k0 = bp * DM_SLOTS;
+          const int kn = hy_min(DM_SLOTS, m - k0);
+          // B's fragment word of lane (g, c): column g at tile rows 2c, 2c + 1. x rows (c < 2) of slots
+          // 2c, 2c + 1 hold (dg, du) in their unit's columns 3 which + 0, 1; dy rows (c >= 2) of slots
+          // 2c - 4, 2c - 3 hold h in column 3 which + 2. Every lane derives its two slots' coefficients
+          // from the warps' partials (no second barrier), kept as two 16-bit parts (hi + lo).
+          float v[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int k = ((2 * c) & (DM_SLOTS - 1)) + i;
+            float dg = 0.f, du = 0.f, h = 0.f;
+            int which = 0;
+            if (k < kn) {
+              const int e = s_tok[k0 + k];
+              which = e & 1;
+              const int rank = s_rank[k0 + k];
+              float pd = 0.f, a, u;
+#pragma unroll
+              for (int w = 0; w < DW_WARPS; ++w) pd += s_part[bp & 1][w][DM_SLOTS + k][which];
+              if (rank < W) {
+                const float2 au = s_au[k0 + k];
+                a = au.x;
+                u = au.y;
+              } else {
+                float pg = 0.f, pu = 0.f;
+#pragma unroll
+                for (int w = 0; w < DW_WARPS; ++w) {
+                  pg += s_part[bp & 1][w][k][2 + 2 * which];
+                  pu += s_part[bp & 1][w][k][3 + 2 * which];
+                }
+                a = fmaxf(pg, 0.f);
+                u = pu;
+              }
+#if HY_GATED
+              h = a * u;
+              const float dh = pd + dl1 * hy_sign(h);
+              du = dh * a;
+              dg = (a > 0.f) ? dh * u : 0.f;
+#else
+              (void)u;
+              h = a;
+              const float dh = pd + dl1 * hy_sign(h);
+              dg = (a > 0.f) ? dh : 0.f;
+#endif
+              if (warp == 0 && g == 0 && c < 2 && rank < WD) ell_d[(size_t)(e >> 1) * WD + rank] = hy_f2(dg, du);
+            }
+            v[i] = c < 2 ? (g == 3 * which ? dg : g == 3 * which + 1 ? du : 0.f) : (g == 3 * which + 2 ? h : 0.f);
+          }
+          const tw_u32 b_hi = tw_pack2(v[0], v[1]);
+          const tw_u32 b_lo = tw_pack2(v[0] - tw_lo(b_hi), v[1] - tw_hi(b_hi));
+          if (tid == 0 && sweep > 0) atomicAdd(progress, kn);
+          // C[m][n] += sum over tile rows r of tile[r][m] * B[r][n]; lane l addresses tile row l % 8 of
+          // matrix l / 8: m-tile l >> 4 of the pair, column half (l >> 3) & 1
+          const tw_u32 t_addr = tile + (lane & 7) * DM_ROW + 2 * (warp * 256 + 16 * (lane >> 4) + 8 * ((lane >> 3) & 1));
+#pragma unroll
+          for (int mp = 0; mp < DM_MT / 2; mp += 2) {
+            tw_u32 r[2][4];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) hy_ldsm_x4_t(t_addr + 64 * (mp + q), r[q][0], r[q][1], r[q][2], r[q][3]);
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              hy_mma1688(acc[2 * (mp + q)], r[q][0], r[q][1], b_hi);
+              hy_mma1688(acc[2 * (mp + q) + 1], r[q][2], r[q][3], b_hi);
+            }
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              hy_mma1688(acc[2 * (mp + q)], r[q][0], r[q][1], b_lo);
+              hy_mma1688(acc[2 * (mp + q) + 1], r[q][2], r[q][3], b_lo);
+            }
+          }
+        }
+      }
+    }
+  }
+  hy_cp_wait<0>();
+  __syncthreads();  // every warp is done with the stages: they hold the float32 output rows now
+  {
+    float* out = reinterpret_cast<float*>(dm_smem);  // [6][DM_OUT]: columns of C
+    if (c < 3) {
+#pragma unroll
+      for (int i = 0; i < DM_MT; ++i) {
+        const int mcol0 = warp * 256 + 16 * i + g;
+        out[(2 * c) * DM_OUT + mcol0] = acc[i][0];
+        out[(2 * c + 1) * DM_OUT + mcol0] = acc[i][1];
+        out[(2 * c) * DM_OUT + mcol0 + 8] = acc[i][2];
+        out[(2 * c + 1) * DM_OUT + mcol0 + 8] = acc[i][3];
+      }
+    }
+    __syncthreads();
+    const int units = s_range[5] >= 0 ? 2 : 1;
+    for (int which = 0; which < units; ++which) {
+      const int unit = which ? j2 : j;
+      float v[3][8];
+#pragma unroll
+      for (int r = 0; r < 3; ++r) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[r][e] = out[(3 * which + r) * DM_OUT + 8 * tid + e];
+      }
+      if (s_range[2] > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
+        float* a = ACC + (size_t)unit * 3 * D + tid * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          atomicAdd(a + e, v[0][e]);
+          atomicAdd(a + 2 * D + e, v[2][e]);
+#if HY_GATED
+          atomicAdd(a + D + e, v[1][e]);
+#endif
+        }
+      } else {
+        tw_st16(reinterpret_cast<uint4*>(DWG + (size_t)unit * D) + tid, hy_pack8(v[0]), tw_policy_stream());
+#if HY_GATED
+        tw_st16(reinterpret_cast<uint4*>(DWU + (size_t)unit * D) + tid, hy_pack8(v[1]), tw_policy_stream());
+#endif
+        tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)unit * D) + tid, hy_pack8(v[2]), tw_policy_stream());
+      }
+    }
+  }
+  __syncthreads();  // shared lists, stages and output rows are reused by the next item
+  }
+}
+
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
 // (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
 // inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
-// (item_start[FF + 2]), and the number of one-item units (item_start[FF + 3]).
+// (item_start[FF + 2]), and the number of items that hold one-item units (item_start[FF + 3]).
+// With `pair` (hy_dw_mma), the one-item units are paired in index order: partner[j] is the second
+// unit's index for the first of a pair, -2 for the second (its item does nothing), -1 for a unit
+// without a partner (split over items, or the last one left). `pairable` (FF entries) is scratch.
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 
 extern "C" __global__ void __launch_bounds__(1024)
-hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int part) {
+hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* partner, int* pairable, int FF, int part,
+           int pair) {
   __shared__ int warp_sums[32];
-  __shared__ int s_pairs, s_units;
-  if (threadIdx.x == 0) s_pairs = s_units = 0;
-  int pairs = 0, units = 0;  // of the one-item units
+  __shared__ int s_pairs;
+  if (threadIdx.x == 0) s_pairs = 0;
+  int pairs = 0;  // of the one-item units
   for (int j = threadIdx.x; j <= FF; j += 1024) {
     const int count = j < FF ? __ldg(neuron_counts + j) : 0;
     const int items = j < FF ? hy_unit_items(count, part) : 0;
     item_start[j] = items;
-    if (items == 1) {
-      pairs += count;
-      ++units;
-    }
+    if (j < FF) partner[j] = items == 1;
+    if (items == 1) pairs += count;
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
-    units += __shfl_xor_sync(0xFFFFFFFFu, units, o);
+  for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
+  tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
+  const int singles = tw_block_exclusive_scan<1024>(partner, FF, warp_sums);  // partner[j]: rank among them
+  for (int j = threadIdx.x; j < FF; j += 1024) {
+    if (hy_unit_items(__ldg(neuron_counts + j), part) == 1) pairable[partner[j]] = j;
   }
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(&s_pairs, pairs);
-    atomicAdd(&s_units, units);
+  for (int j = threadIdx.x; j < FF; j += 1024) {
+    const int r = partner[j];
+    int p = -1;
+    if (pair && hy_unit_items(__ldg(neuron_counts + j), part) == 1) {
+      p = (r & 1) ? -2 : (r + 1 < singles ? pairable[r + 1] : -1);
+    }
+    partner[j] = p;
   }
-  tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
   if (threadIdx.x == 0) {
     item_start[FF + 1] = s_pairs;
     item_start[FF + 2] = 0;
-    item_start[FF + 3] = s_units;
+    item_start[FF + 3] = pair ? (singles + 1) / 2 : singles;
   }
 }
 
