@@ -28,8 +28,6 @@ _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 # hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
 # values (for experiments/dw_pipeline_sweep.py) compile their own module
 DW_STAGES, DW_BATCH = 2, 6
-# hy_dw on the tensor cores, two units a work item (hy_dw_mma in hybrid.cu); False: the float32 FMA kernel
-DW_MMA = os.environ.get("SPARSE_LLM_DW_MMA", "1") != "0"
 # hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
@@ -91,7 +89,7 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_mma", "hy_dw_zero",
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
                 "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
@@ -242,32 +240,25 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
-    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item); with
-    # the tensor-core kernel, pairs of one-item units
+    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
     part = DW_SPLIT_TOKENS
-    plan = torch.empty(3 * d_ff + 4, dtype=torch.int32, device=dev)
-    item_start = plan[:d_ff + 4]  # + the sweep's inputs (hy_dw_plan)
-    partner, pairable = plan[d_ff + 4:2 * d_ff + 4], plan[2 * d_ff + 4:]
+    item_start = torch.empty(d_ff + 4, dtype=torch.int32, device=dev)  # + the sweep's inputs (hy_dw_plan)
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
-           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(partner), ptr(pairable), i32(d_ff),
-            i32(part), i32(DW_MMA)))
+           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     sms = device_properties(dev).multi_processor_count
     grid = d_ff + 4 * sms  # items past d_ff: split units
-    if DW_MMA:
-        dw = _kernel("hy_dw_mma", dev, d_model, gated, dt)
-        dw_shared = 26 * (2 * d_model + 16)  # = DM_SMEM in hybrid.cu
-    else:
-        dw = _kernel("hy_dw", dev, d_model, gated, dt)
-        dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
+    dw = _kernel("hy_dw", dev, d_model, gated, dt)
+    dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
     sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
-    progress = item_start[d_ff + 2:d_ff + 3]  # the sweep's pair counter, zeroed by hy_dw_plan
-    args = (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start))
-    args += (ptr(partner),) if DW_MMA else ()
-    args += (ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d))
-    launch(dw, (grid,), (threads,), args, shared_mem=dw_shared)
+    progress = item_start[d_ff + 2:]  # the sweep's pair counter, zeroed by hy_dw_plan
+    launch(dw, (grid,), (threads,),
+           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
+            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
+            ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
+            i32(d_ff), i32(width), i32(width_d)),
+           shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:
