@@ -936,41 +936,480 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// hy_dw_mma (d_model <= 2048): hy_dw on the tensor cores, four units a work item. hy_dw (above) runs
+// ~1000 warp instructions a pair (FFMA, bf16 unpacking, a CTA reduction per token) and re-reads x and
+// dy from DRAM once per wave of the 264 units its registers hold (NOTES_hybrid v14). Here a CTA of
+// D / 4 threads takes four one-item units (or one part of a split unit); their token lists are merged
+// and walked DQ_SLOTS (token, unit) pairs a batch. A batch's x rows and dy rows are one 16-row
+// shared-memory tile (x rows 0-7, dy rows 8-15), brought in by the TMA's bulk copies. Then
+//   dot phase (DQ_DOT_WARPS warps, K = d_model split between them):
+//     P = tile . [Wd^T of the four units]^T (mma m16n8k16): dh from the dy rows; for pairs past the
+//     saved ELL also x . Wg and x . Wu (weight rows from global memory);
+//   accumulation (every warp, 128 columns of d_model each):
+//     C[d_model x 16] += tile^T . B (mma m16n8k16), B's columns (dg, du, h) of each unit: a pair's
+//     (dg, du) sit in its x row, h in its dy row, zeros elsewhere; B is split into two 16-bit parts
+//     (hi + lo), so each coefficient keeps ~16 bits, as the float32 FMA path does.
+// Two barriers a batch (the tile landed; the dot phase's partials are written), and two batches
+// loading while one is computed (3 stages of 64 KB: the loads' latency, not the SM, bounds a batch).
+// The four units' 12 dW rows live in 64 float32 accumulators a thread. The item loop, the split units and the token sweep are hy_dw's.
+constexpr int DQ_UNITS = 4;
+constexpr int DQ_SLOTS = 8;                                  // pairs a batch (tile rows: 8 x, 8 dy)
+constexpr int DQ_THR = D / 4;                                // threads: a warp owns 128 columns
+constexpr int DQ_WARPS = DQ_THR / 32;
+constexpr int DQ_DOT_WARPS = DQ_WARPS < 8 ? DQ_WARPS : 8;    // warps of the dot phase
+constexpr int DQ_KSTEPS = D / (16 * DQ_DOT_WARPS);           // k-steps of 16 a dot warp
+constexpr int DQ_ROW = 2 * D + 16;                           // staged row bytes (+16: conflict-free ldmatrix)
+constexpr int DQ_STAGE = 2 * DQ_SLOTS * DQ_ROW;
+constexpr int DQ_NS = 3;
+constexpr int DQ_OUT = D + 4;                                // float32 output rows (staged), padded
+constexpr int DQ_CAP = 512;                                  // list entries in shared memory at a time
+constexpr int DQ_WPT = 2;                                    // column-bitmask words a thread a round, per unit
+constexpr int DQ_SMEM = DQ_NS * DQ_STAGE + DQ_UNITS * DQ_ROW;  // dynamic shared memory: stages, Wd^T rows
+constexpr bool DQ_ENABLED = D <= 2048;                       // 64 accumulators a thread need D / 4 threads <= 512
+static_assert(!DQ_ENABLED || 3 * DQ_UNITS * DQ_OUT * 4 <= DQ_NS * DQ_STAGE, "output rows reuse the stages");
+static_assert(!DQ_ENABLED || DQ_SMEM <= 213 * 1024, "hy_dw_mma's shared memory");
+
+#if HY_DTYPE == 0
+#define HY_MMA_T "bf16"
+#else
+#define HY_MMA_T "f16"
+#endif
+
+__device__ __forceinline__ void hy_ldsm_x2(tw_u32 addr, tw_u32& r0, tw_u32& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void hy_ldsm_x4(tw_u32 addr, tw_u32 (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void hy_ldsm_x4_t(tw_u32 addr, tw_u32 (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ void hy_mma16816(float (&d)[4], const tw_u32 (&a)[4], tw_u32 b0, tw_u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." HY_MMA_T "." HY_MMA_T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void hy_mbar_init(tw_u32 bar, tw_u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void hy_mbar_expect_tx(tw_u32 bar, tw_u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void hy_mbar_wait(tw_u32 bar, tw_u32 parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nHY_MBAR_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra HY_MBAR_WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16) from global to shared memory by the TMA, completing on `bar`
+__device__ __forceinline__ void hy_bulk_copy(tw_u32 dst, const void* src, tw_u32 bytes, tw_u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(DQ_ENABLED ? DQ_THR : 32, 1)
+hy_dw_mma(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+          const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+          const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+          const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
+          tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
+          const int* __restrict__ partner, const int* __restrict__ pairable, float* __restrict__ ACC,
+          int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD) {
+#if HY_D <= 2048
+  extern __shared__ __align__(128) unsigned char dq_smem[];
+  __shared__ int s_tok[DQ_CAP];       // token << 2 | which unit of the item
+  __shared__ int s_rank[DQ_CAP];
+  __shared__ float2 s_au[DQ_CAP];
+  // dot-phase partials by batch parity: [warp][slot][0-3: dy . Wd of unit u, 4 + 2u: x . Wg_u, 5 + 2u: x . Wu_u]
+  __shared__ float s_part[2][DQ_DOT_WARPS][DQ_SLOTS][12];
+  __shared__ __align__(8) unsigned long long s_bar[DQ_NS];  // stage s is full (TMA transactions)
+  __shared__ int s_wsum[DQ_WARPS];
+  __shared__ int s_units[DQ_UNITS];
+  // lo, hi, items of the unit, unit, first word of the walk, units of the item (-2: no work)
+  volatile __shared__ int s_range[6];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, c = lane & 3;  // mma fragment coordinates
+  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
+  const tw_u32 smem = hy_smem_addr(dq_smem);
+  const tw_u32 s_w = smem + DQ_NS * DQ_STAGE;
+  const tw_u32 bar0 = hy_smem_addr(s_bar);
+  const float dl1 = __ldg(dl1p);
+  if (tid == 0) {
+    for (int st = 0; st < DQ_NS; ++st) hy_mbar_init(bar0 + 8 * st, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  int fills = 0;  // batches loaded so far by this CTA: batch f used stage f % DQ_NS, phase f / DQ_NS
+
+#pragma unroll 1
+  for (int item = blockIdx.x; item < __ldg(item_start + FF); item += gridDim.x) {
+  if (warp == 0) {
+    const int unit = hy_item_unit(item_start, FF, item);
+    if (lane == 0) {
+    const int k_item = item - __ldg(item_start + unit);
+    const int n_items = __ldg(item_start + unit + 1) - __ldg(item_start + unit);
+    s_range[0] = k_item * S;
+    s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
+    s_range[2] = n_items;
+    s_range[3] = unit;
+    int units = 1;
+    s_units[0] = unit;
+    const int r = n_items == 1 ? __ldg(partner + unit) : -1;  // the group's rank among one-item units
+    if (r == -2) units = -2;
+    for (int i = 1; i < DQ_UNITS; ++i) {
+      const int more = r >= 0 && r + i < __ldg(item_start + FF + 4);
+      s_units[i] = more ? __ldg(pairable + r + i) : unit;
+      units += more;
+    }
+    s_range[5] = units;
+    int first_word = 0;
+    if (sweep > 0 && n_items == 1) {
+      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
+      float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
+      phase -= floorf(phase);
+      first_word = min((int)(phase * (float)WC), WC - 1);
+    }
+    s_range[4] = first_word;
+    }
+  }
+  __syncthreads();
+  const int units = s_range[5];
+  if (units == -2) {  // a follower of a group: its leader's item takes it
+    __syncthreads();
+    continue;
+  }
+  const int j = s_range[3];
+  for (int v = tid; v < DQ_UNITS * (D / 8); v += DQ_THR) {  // the units' Wd^T rows
+    const int u = v / (D / 8), e = v % (D / 8);
+    hy_cp16(dq_smem + DQ_NS * DQ_STAGE + u * DQ_ROW + 16 * e, WDT + (size_t)s_units[u] * D + 8 * e);
+  }
+  hy_cp_commit();
+  float acc[8][2][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int t = 0; t < 2; ++t) acc[i][t][0] = acc[i][t][1] = acc[i][t][2] = acc[i][t][3] = 0.f;
+
+  int seen = 0;  // list entries of this item in earlier rounds
+#pragma unroll 1
+  for (int cw = 0; cw < WC && seen < s_range[1]; cw += DQ_THR * DQ_WPT) {
+    tw_u32 words[DQ_WPT][DQ_UNITS];
+    int cnt = 0;
+#pragma unroll
+    for (int q = 0; q < DQ_WPT; ++q) {
+      const int wr = cw + tid * DQ_WPT + q;
+      const int wi = hy_walk_word(wr, s_range[4], WC);
+#pragma unroll
+      for (int u = 0; u < DQ_UNITS; ++u) {
+        words[q][u] = (wr < WC && u < units) ? __ldg(mcol + (size_t)s_units[u] * WC + wi) : 0u;
+        cnt += __popc(words[q][u]);
+      }
+    }
+    int incl = tw_warp_scan(cnt, lane);
+    __syncthreads();
+    if (lane == 31) s_wsum[warp] = incl;
+    __syncthreads();
+    int off = incl - cnt, total = 0;
+#pragma unroll
+    for (int w = 0; w < DQ_WARPS; ++w) {
+      const int sw = s_wsum[w];
+      if (w < warp) off += sw;
+      total += sw;
+    }
+    const int first = s_range[0] - seen > 0 ? s_range[0] - seen : 0;
+    const int last = hy_min(total, s_range[1] - seen);
+    seen += total;
+    for (int base = first; base < last; base += DQ_CAP) {
+      const int m = hy_min(DQ_CAP, last - base);
+      __syncthreads();  // previous list fully consumed
+      if (off < base + m && off + cnt > base) {
+        int p = off;
+#pragma unroll
+        for (int q = 0; q < DQ_WPT; ++q) {
+          const int tok0 = hy_walk_word(cw + tid * DQ_WPT + q, s_range[4], WC) << 5;
+#pragma unroll
+          for (int u = 0; u < DQ_UNITS; ++u) {
+            tw_u32 wq = words[q][u];
+            while (wq) {
+              const int bit = __ffs(wq) - 1;
+              wq &= wq - 1u;
+              if (p >= base && p < base + m) s_tok[p - base] = ((tok0 + bit) << 2) | u;
+              ++p;
+            }
+          }
+        }
+      }
+      __syncthreads();
+      for (int k = tid; k < m; k += DQ_THR) {
+        const int e = s_tok[k], t = e >> 2;
+        const int r = hy_rank(mrow, tprefix, t, s_units[e & 3], nw, nt);
+        s_rank[k] = r;
+        s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
+      }
+      __syncthreads();
+      const int nb = (m + DQ_SLOTS - 1) / DQ_SLOTS;
+      const int fill0 = fills;
+      // batch bb's 16 rows by 16 lanes of warp 0: lane k < 8 the x row of slot k, lane 8 + k its dy row
+      // (slots past m repeat the last pair's rows: finite values, and their B rows are zero)
+      auto issue = [&](int bb) {
+        const int f = fill0 + bb, st = f % DQ_NS;
+        const tw_u32 bar = bar0 + 8 * st;
+        if (lane == 0) hy_mbar_expect_tx(bar, 2 * DQ_SLOTS * 2 * D);
+        __syncwarp();
+        if (lane < 2 * DQ_SLOTS) {
+          const int k = lane & (DQ_SLOTS - 1);
+          const int t = s_tok[hy_min(bb * DQ_SLOTS + k, m - 1)] >> 2;
+          hy_bulk_copy(smem + st * DQ_STAGE + lane * DQ_ROW, (lane < DQ_SLOTS ? X : DY) + (size_t)t * D, 2 * D, bar);
+        }
+      };
+      if (warp == 0) {
+        issue(0);
+        if (nb > 1) issue(1);
+      }
+      fills += nb;
+      for (int b = 0; b < nb; ++b) {
+        hy_mbar_wait(bar0 + 8 * ((fill0 + b) % DQ_NS), ((fill0 + b) / DQ_NS) & 1);
+        hy_cp_wait<0>();  // the Wd^T rows (first batch of the item)
+        __syncthreads();  // batch b landed; every warp is done with batch b - 1, whose stage is free
+        if (warp == 0 && b + 2 < nb) issue(b + 2);
+        if (warp < DQ_DOT_WARPS) {  // ---- dot phase: partials of batch b into s_part[b & 1]
+          const tw_u32 tile = smem + ((fill0 + b) % DQ_NS) * DQ_STAGE;
+          const int k0 = b * DQ_SLOTS;
+          const int kn = hy_min(DQ_SLOTS, m - k0);
+          bool recompute = false;
+#pragma unroll
+          for (int k = 0; k < DQ_SLOTS; ++k) recompute |= k < kn && s_rank[k0 + k] >= W;
+          const int kbase = warp * (D / DQ_DOT_WARPS);
+          // A: lane l addresses tile row (l & 7) + 8 ((l >> 3) & 1) at k offset 8 (l >> 4); B: Wd^T row
+          // of unit (l & 3) at k offset 8 ((l >> 3) & 1)
+          const tw_u32 a_addr = tile + ((lane & 7) + 8 * ((lane >> 3) & 1)) * DQ_ROW + 2 * (kbase + 8 * (lane >> 4));
+          const tw_u32 b_addr = s_w + (lane & 3) * DQ_ROW + 2 * (kbase + 8 * ((lane >> 3) & 1));
+          float p0[4] = {0.f, 0.f, 0.f, 0.f}, p1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int kk = 0; kk < DQ_KSTEPS; kk += 2) {
+            tw_u32 fa[2][4], fb[2][2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              hy_ldsm_x4(a_addr + 32 * (kk + q), fa[q]);
+              hy_ldsm_x2(b_addr + 32 * (kk + q), fb[q][0], fb[q][1]);
+            }
+            hy_mma16816(p0, fa[0], fb[0][0], fb[0][1]);
+            hy_mma16816(p1, fa[1], fb[1][0], fb[1][1]);
+          }
+          if (c < 2) {  // dy rows (g + 8): columns 2c, 2c + 1 = units 2c, 2c + 1
+            s_part[b & 1][warp][g][2 * c] = p0[2] + p1[2];
+            s_part[b & 1][warp][g][2 * c + 1] = p0[3] + p1[3];
+          }
+          if (recompute) {  // x . Wg_u and x . Wu_u: column n = 2u (+1 for Wu), weight rows from global memory
+            const tw_u16* wrow = (g & 1 ? (HY_GATED ? WU : WG) : WG) + (size_t)s_units[g >> 1] * D + kbase + 2 * c;
+            float q0[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+            for (int kk = 0; kk < DQ_KSTEPS; ++kk) {
+              tw_u32 fa[4];
+              hy_ldsm_x4(a_addr + 32 * kk, fa);
+              const tw_u32 b0 = __ldg(reinterpret_cast<const unsigned*>(wrow + 16 * kk));
+              const tw_u32 b1 = __ldg(reinterpret_cast<const unsigned*>(wrow + 16 * kk + 8));
+              hy_mma16816(q0, fa, b0, b1);
+            }
+            s_part[b & 1][warp][g][4 + 2 * c] = q0[0];  // x rows (g): unit c's (Wg, Wu)
+            s_part[b & 1][warp][g][5 + 2 * c] = q0[1];
+          }
+        }
+        __syncthreads();  // batch b's partials are complete
+        {  // ---- accumulation of batch b
+          const int bp = b;
+          const tw_u32 tile = smem + ((fill0 + bp) % DQ_NS) * DQ_STAGE;
+          const int k0 = bp * DQ_SLOTS;
+          const int kn = hy_min(DQ_SLOTS, m - k0);
+          // the four lanes 4s .. 4s + 3 derive slot s's coefficients (each adds a quarter of the dot
+          // warps' partials; the sums are combined in a fixed order)
+          const int sl = lane >> 2, ql = lane & 3;
+          const bool valid = sl < kn;
+          const int e = valid ? s_tok[k0 + sl] : 0;
+          const int which = e & 3;
+          const int rank = valid ? s_rank[k0 + sl] : 0;
+          float pd = 0.f, pg = 0.f, pu = 0.f;
+          if (valid) {
+#pragma unroll
+            for (int w = ql; w < DQ_DOT_WARPS; w += 4) {
+              pd += s_part[bp & 1][w][sl][which];
+              if (rank >= W) {
+                pg += s_part[bp & 1][w][sl][4 + 2 * which];
+                pu += s_part[bp & 1][w][sl][5 + 2 * which];
+              }
+            }
+          }
+#pragma unroll
+          for (int o = 1; o < 4; o <<= 1) {
+            pd += __shfl_xor_sync(TW_FULL_MASK, pd, o);
+            pg += __shfl_xor_sync(TW_FULL_MASK, pg, o);
+            pu += __shfl_xor_sync(TW_FULL_MASK, pu, o);
+          }
+          float dg = 0.f, du = 0.f, h = 0.f;
+          if (valid) {
+            float a, u;
+            if (rank < W) {
+              const float2 au = s_au[k0 + sl];
+              a = au.x;
+              u = au.y;
+            } else {
+              a = fmaxf(pg, 0.f);
+              u = pu;
+            }
+#if HY_GATED
+            h = a * u;
+            const float dh = pd + dl1 * hy_sign(h);
+            du = dh * a;
+            dg = (a > 0.f) ? dh * u : 0.f;
+#else
+            (void)u;
+            h = a;
+            const float dh = pd + dl1 * hy_sign(h);
+            dg = (a > 0.f) ? dh : 0.f;
+#endif
+            if (warp == 0 && ql == 0 && rank < WD) ell_d[(size_t)(e >> 2) * WD + rank] = hy_f2(dg, du);
+          }
+          if (tid == 0 && sweep > 0) atomicAdd(progress, kn);
+          // B's words of lane (g, c), n-tile t: column 8t + g at tile rows 2c, 2c + 1 (x rows of slots
+          // 2c, 2c + 1: dg in column 3 which, du in 3 which + 1) and 8 + 2c, 9 + 2c (their dy rows: h in
+          // 3 which + 2)
+          tw_u32 bx[2][2], bd[2][2];  // [t][hi, lo]
+          {
+            float sdg[2], sdu[2], sh[2];
+            int sw[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int src = (2 * c + i) * 4;
+              sdg[i] = __shfl_sync(TW_FULL_MASK, dg, src);
+              sdu[i] = __shfl_sync(TW_FULL_MASK, du, src);
+              sh[i] = __shfl_sync(TW_FULL_MASK, h, src);
+              sw[i] = __shfl_sync(TW_FULL_MASK, which, src);
+            }
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+              const int col = 8 * t + g;
+              float vx[2], vd[2];
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {
+                vx[i] = col == 3 * sw[i] ? sdg[i] : col == 3 * sw[i] + 1 ? sdu[i] : 0.f;
+                vd[i] = col == 3 * sw[i] + 2 ? sh[i] : 0.f;
+              }
+              bx[t][0] = tw_pack2(vx[0], vx[1]);
+              bx[t][1] = tw_pack2(vx[0] - tw_lo(bx[t][0]), vx[1] - tw_hi(bx[t][0]));
+              bd[t][0] = tw_pack2(vd[0], vd[1]);
+              bd[t][1] = tw_pack2(vd[0] - tw_lo(bd[t][0]), vd[1] - tw_hi(bd[t][0]));
+            }
+          }
+          // C[m][n] += sum over tile rows r of tile[r][m] B[r][n]; lane l addresses tile row
+          // (l & 7) + 8 (l >> 4) at column offset 8 ((l >> 3) & 1) of the m-tile
+          const tw_u32 t_addr = tile + ((lane & 7) + 8 * (lane >> 4)) * DQ_ROW + 2 * (warp * 128 + 8 * ((lane >> 3) & 1));
+#pragma unroll
+          for (int i = 0; i < 8; i += 2) {
+            tw_u32 fa[2][4];
+            hy_ldsm_x4_t(t_addr + 32 * i, fa[0]);
+            hy_ldsm_x4_t(t_addr + 32 * (i + 1), fa[1]);
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+#pragma unroll
+              for (int t = 0; t < 2; ++t) hy_mma16816(acc[i + q][t], fa[q], bx[t][0], bd[t][0]);
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+#pragma unroll
+              for (int t = 0; t < 2; ++t) hy_mma16816(acc[i + q][t], fa[q], bx[t][1], bd[t][1]);
+          }
+        }
+      }
+    }
+  }
+  hy_cp_wait<0>();
+  __syncthreads();  // every warp is done with the stages: they hold the float32 output rows now
+  {
+    float* out = reinterpret_cast<float*>(dq_smem);  // [12][DQ_OUT]: columns of C (3 u + 0, 1, 2: dWg, dWu, dWd of unit u)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int col = 8 * t + 2 * c, mc = warp * 128 + 16 * i + g;
+        if (col < 3 * DQ_UNITS) {
+          out[col * DQ_OUT + mc] = acc[i][t][0];
+          out[(col + 1) * DQ_OUT + mc] = acc[i][t][1];
+          out[col * DQ_OUT + mc + 8] = acc[i][t][2];
+          out[(col + 1) * DQ_OUT + mc + 8] = acc[i][t][3];
+        }
+      }
+    }
+    __syncthreads();
+    const bool split = s_range[2] > 1;
+    for (int v = tid; v < 3 * units * (D / 8); v += DQ_THR) {
+      const int row = v / (D / 8), e = 8 * (v % (D / 8));
+      const int u = row / 3, kind = row % 3;  // 0: dWg, 1: dWu, 2: dWd^T
+      if (!HY_GATED && kind == 1) continue;
+      const int unit = s_units[u];
+      float val[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) val[q] = out[row * DQ_OUT + e + q];
+      if (split) {  // a split unit: float32 partial rows, written out by hy_dw_finish
+        float* a = ACC + ((size_t)unit * 3 + kind) * D + e;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) atomicAdd(a + q, val[q]);
+      } else {
+        tw_u16* dst = (kind == 0 ? DWG : kind == 1 ? DWU : DWDT) + (size_t)unit * D + e;
+        tw_st16(dst, hy_pack8(val), tw_policy_stream());
+      }
+    }
+    // the TMA's next writes to these bytes must follow the generic writes above
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();  // shared lists, stages and output rows are reused by the next item
+  }
+#endif
+}
+
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
 // (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
 // inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
-// (item_start[FF + 2]), and the number of one-item units (item_start[FF + 3]).
+// (item_start[FF + 2]), the number of items that hold one-item units (item_start[FF + 3]), and the
+// number of one-item units (item_start[FF + 4]). With group > 1 (hy_dw_mma) the one-item units are
+// grouped in index order, `group` an item: partner[j] is the group's first rank among the one-item
+// units for its first unit, -2 for the others (their items do nothing), -1 for a unit split over
+// items; pairable[r] is the one-item unit of rank r.
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 
 extern "C" __global__ void __launch_bounds__(1024)
-hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int FF, int part) {
+hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* partner, int* pairable, int FF, int part,
+           int group) {
   __shared__ int warp_sums[32];
-  __shared__ int s_pairs, s_units;
-  if (threadIdx.x == 0) s_pairs = s_units = 0;
-  int pairs = 0, units = 0;  // of the one-item units
+  __shared__ int s_pairs;
+  if (threadIdx.x == 0) s_pairs = 0;
+  int pairs = 0;  // of the one-item units
   for (int j = threadIdx.x; j <= FF; j += 1024) {
     const int count = j < FF ? __ldg(neuron_counts + j) : 0;
     const int items = j < FF ? hy_unit_items(count, part) : 0;
     item_start[j] = items;
-    if (items == 1) {
-      pairs += count;
-      ++units;
-    }
+    if (j < FF) partner[j] = items == 1;
+    if (items == 1) pairs += count;
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
-    units += __shfl_xor_sync(0xFFFFFFFFu, units, o);
-  }
+  for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
   __syncthreads();
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(&s_pairs, pairs);
-    atomicAdd(&s_units, units);
-  }
+  if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
   tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
+  const int singles = tw_block_exclusive_scan<1024>(partner, FF, warp_sums);  // partner[j]: rank among them
+  for (int j = threadIdx.x; j < FF; j += 1024) {
+    const bool one = hy_unit_items(__ldg(neuron_counts + j), part) == 1;
+    const int r = partner[j];
+    if (one) pairable[r] = j;
+    partner[j] = !one ? -1 : (group > 1 && r % group != 0) ? -2 : (group > 1 ? r : -1);
+  }
   if (threadIdx.x == 0) {
     item_start[FF + 1] = s_pairs;
     item_start[FF + 2] = 0;
-    item_start[FF + 3] = s_units;
+    item_start[FF + 3] = (singles + group - 1) / group;
+    item_start[FF + 4] = singles;
   }
 }
 
