@@ -28,9 +28,6 @@ _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 # hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
 # values (for experiments/dw_pipeline_sweep.py) compile their own module
 DW_STAGES, DW_BATCH = 2, 6
-# hy_dw on the tensor cores, four units a work item (hy_dw_mma in hybrid.cu), where d_model <= 2048 and
-# the GPU has the TMA (sm_90); False (or SPARSE_LLM_DW_MMA=0, for A/B runs): the float32 FMA kernel
-DW_MMA = os.environ.get("SPARSE_LLM_DW_MMA", "1") != "0"
 # hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
 # several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
 # kernel's tail; the parts add float32 rows (order-dependent in the last bits).
@@ -67,11 +64,6 @@ def backward_ell_width(width: int, d_ff: int) -> int:
     return max(width, min(BACKWARD_ELL_WIDTH, d_ff))
 
 
-def dw_mma_supported(d_model: int) -> bool:
-    """Whether the backward's dW kernel is hy_dw_mma (else hy_dw) on the current device."""
-    return DW_MMA and d_model <= 2048 and torch.cuda.get_device_capability()[0] >= 9
-
-
 def shape_supported(d_model: int, d_ff: int) -> bool:
     return d_model % 256 == 0 and 256 <= d_model <= 4096 and d_ff % 32 == 0 and 0 < d_ff <= 65504
 
@@ -97,7 +89,7 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_mma", "hy_dw_zero",
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
                 "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
@@ -248,33 +240,25 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
-    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item); the
-    # tensor-core kernel takes the one-item units four an item
+    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
     part = DW_SPLIT_TOKENS
-    mma = dw_mma_supported(d_model)
-    plan = torch.empty(3 * d_ff + 5, dtype=torch.int32, device=dev)
-    item_start = plan[:d_ff + 5]  # + the sweep's inputs (hy_dw_plan)
-    partner, pairable = plan[d_ff + 5:2 * d_ff + 5], plan[2 * d_ff + 5:]
+    item_start = torch.empty(d_ff + 4, dtype=torch.int32, device=dev)  # + the sweep's inputs (hy_dw_plan)
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
-           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(partner), ptr(pairable), i32(d_ff),
-            i32(part), i32(4 if mma else 1)))
+           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     sms = device_properties(dev).multi_processor_count
     grid = d_ff + 4 * sms  # items past d_ff: split units
-    if mma:
-        dw, dw_threads = _kernel("hy_dw_mma", dev, d_model, gated, dt), d_model // 4
-        dw_shared = 52 * (2 * d_model + 16)  # = DQ_SMEM in hybrid.cu: 3 stages of 16 rows, 4 Wd^T rows
-    else:
-        dw, dw_threads = _kernel("hy_dw", dev, d_model, gated, dt), threads
-        dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
-    sweep = sms * resident_blocks(dw, dw_threads, dw_shared) if DW_SWEEP else 0
-    progress = item_start[d_ff + 2:d_ff + 3]  # the sweep's pair counter, zeroed by hy_dw_plan
-    args = (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start))
-    args += (ptr(partner), ptr(pairable)) if mma else ()
-    args += (ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d))
-    launch(dw, (grid,), (dw_threads,), args, shared_mem=dw_shared)
+    dw = _kernel("hy_dw", dev, d_model, gated, dt)
+    dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
+    sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
+    progress = item_start[d_ff + 2:]  # the sweep's pair counter, zeroed by hy_dw_plan
+    launch(dw, (grid,), (threads,),
+           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
+            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
+            ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
+            i32(d_ff), i32(width), i32(width_d)),
+           shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:

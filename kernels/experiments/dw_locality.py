@@ -16,13 +16,10 @@ import sys
 
 import torch
 
-from sparse_llm.kernels import hybrid
 from sparse_llm.kernels.bench_training import _kernel_ms
 from sparse_llm.kernels.synthetic import SyntheticFFN, hybrid_training_step, make_synthetic_ffn
 
 D_MODEL, D_FF, ACTIVE = 2048, 5632, 29.0
-
-DW_KERNEL = "hy_dw_mma" if hybrid.DW_MMA else "hy_dw"  # the dW kernel in use (SPARSE_LLM_DW_MMA)
 
 
 def make_banded(tokens: int, blocks: int, shuffle: bool, seed: int = 0) -> SyntheticFFN:
@@ -55,10 +52,10 @@ def measure(name: str, syn: SyntheticFFN) -> None:
     pairs = gate.sum().item()
     per_unit = gate.sum(0).float()
     step = hybrid_training_step(syn)
-    ms = {k: _kernel_ms(step, k) for k in ("hy_forward", DW_KERNEL, "hy_dx")}
+    ms = {k: _kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")}
     per = " ".join(f"{ms[k] * 1e6 / pairs:6.3f}" for k in ms)
     print(f"{name:16s} | {pairs / gate.shape[0]:5.1f} | {per_unit.mean():6.1f} {per_unit.max():6.0f} | {per} |"
-          f" {ms[DW_KERNEL]:.3f}", flush=True)
+          f" {ms['hy_dw']:.3f}", flush=True)
 
 
 tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 16384
