@@ -36,6 +36,10 @@ DW_SPLIT_TOKENS = 512
 # so that they read the same x and dy rows at about the same time; False (or the environment's
 # SPARSE_LLM_DW_SWEEP=0, for A/B runs of whole models) walks each from token 0.
 DW_SWEEP = os.environ.get("SPARSE_LLM_DW_SWEEP", "1") != "0"
+# hy_dw: the parts of split units run first, ordered by where they lie in their unit's token list, so
+# that the parts running together read nearby x and dy rows (hy_dw_plan); False (or the environment's
+# SPARSE_LLM_DW_PART_ORDER=0) runs every unit's items in unit order, among the one-item units.
+DW_PART_ORDER = os.environ.get("SPARSE_LLM_DW_PART_ORDER", "1") != "0"
 # hy_forward and hy_dx: up to SPLIT_ROWS rows with at least SPLIT_ROW_UNITS active units (the longest)
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
@@ -240,11 +244,16 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
-    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item)
-    part = DW_SPLIT_TOKENS
-    item_start = torch.empty(d_ff + 4, dtype=torch.int32, device=dev)  # + the sweep's inputs (hy_dw_plan)
+    # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item), in the
+    # order hy_dw_plan writes (split units' parts by their place in the token order, then the rest)
+    part = max(DW_SPLIT_TOKENS, -(-n // 0xFFFF))  # a part's index has 16 bits in the order
+    max_items = d_ff + (n * d_ff + part - 1) // part
+    plan = torch.empty(2 * d_ff + 5 + max_items, dtype=torch.int32, device=dev)
+    item_start = plan[:d_ff + 5]  # + the sweep's inputs (hy_dw_plan)
+    rank, dw_order = plan[d_ff + 5:2 * d_ff + 5], plan[2 * d_ff + 5:]
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
-           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), i32(d_ff), i32(part)))
+           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(rank), ptr(dw_order), i32(d_ff), i32(part),
+            i32(DW_PART_ORDER)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     sms = device_properties(dev).multi_processor_count
@@ -252,11 +261,11 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     dw = _kernel("hy_dw", dev, d_model, gated, dt)
     dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
     sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
-    progress = item_start[d_ff + 2:]  # the sweep's pair counter, zeroed by hy_dw_plan
+    progress = item_start[d_ff + 2:d_ff + 3]  # the sweep's pair counter, zeroed by hy_dw_plan
     launch(dw, (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
             ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-            ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
+            ptr(dw_order), ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
             i32(d_ff), i32(width), i32(width_d)),
            shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),

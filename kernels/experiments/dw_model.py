@@ -6,7 +6,7 @@ at the uniform benchmark's rate per pair; and the row lengths (active units per 
 enough to be split over warps in hy_forward / hy_dx). Where hy_dw runs far over that rate, its inputs (heavy units,
 token order) and not its per-pair cost are what the model pays for.
 
-    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
+    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] [DW_MODEL_PART_ORDER_AB=1] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
 """
 import os
 import sys
@@ -27,6 +27,8 @@ only = {int(a) for a in sys.argv[3:]}
 variants = [int(v) for v in os.environ.get("DW_MODEL_SPLIT_ROWS", str(hybrid.SPLIT_ROWS)).split(",")]
 # DW_SPLIT_TOKENS values to time besides the default; e.g. DW_MODEL_DW_SPLITS=256,1024
 dw_splits = [int(v) for v in os.environ.get("DW_MODEL_DW_SPLITS", "").split(",") if v]
+# DW_MODEL_PART_ORDER_AB=1: also time hy_dw with hybrid.DW_PART_ORDER off (split units' parts in unit order)
+part_order_ab = os.environ.get("DW_MODEL_PART_ORDER_AB", "0") == "1"
 UNIFORM_NS_PER_PAIR = 2.14  # hy_dw on the uniform benchmark, 16384 tokens (experiments/kernel_scaling.py)
 hybrid.SPLIT_ROWS = variants[0]
 world = init_distributed("cuda")
@@ -73,6 +75,9 @@ with model_trainer(model_name, world) as trainer:
         for split_tokens in dw_splits:  # other unit splits, for comparison
             ms = kernel_ms(step, DW_SPLIT_TOKENS=split_tokens)
             print(f"{layer:5d} | dw split {split_tokens}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
+        if part_order_ab:  # split units' parts in unit order, for comparison
+            ms = kernel_ms(step, DW_PART_ORDER=False)
+            print(f"{layer:5d} | parts in unit order: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
         ms = kernel_ms(step)
         pairs = units.sum().item()
         uniform = pairs * UNIFORM_NS_PER_PAIR / 1e6

@@ -179,13 +179,15 @@ def test_cuda_graph_capture():
         assert rel(a, b) < 1e-3
 
 
-@pytest.mark.parametrize("split", [16, 1 << 30])
-def test_dw_split_units(split, monkeypatch):
+@pytest.mark.parametrize("split,part_order", [(16, True), (16, False), (1 << 30, True)])
+def test_dw_split_units(split, part_order, monkeypatch):
     # hy_dw with units split over many CTAs (float32 partial rows added, then written by
-    # hy_dw_finish) and with every unit in one CTA
+    # hy_dw_finish), their parts taken by place in the token order or in unit order, and with every
+    # unit in one CTA
     from sparse_llm.kernels import hybrid
 
     monkeypatch.setattr(hybrid, "DW_SPLIT_TOKENS", split)
+    monkeypatch.setattr(hybrid, "DW_PART_ORDER", part_order)
     check_case(*make_inputs(700, 256, 512, torch.bfloat16, mean_active=10, adversarial=True), width=4)
     check_case(*make_inputs(300, 256, 512, torch.bfloat16, gated=False, mean_active=10), width=4)
     check_case(*make_inputs(3000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=8)
