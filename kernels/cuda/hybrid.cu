@@ -600,8 +600,8 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // do not fit L2, and every unit's tokens are spread over all N. Walked from token 0, the running
 // items drift apart and read all of x and dy at once. So a one-item unit starts its walk at the
 // token where the running items are now: the position a walk would have reached if every item had
-// started at the kernel's start, i.e. the pairs done by all CTAs (`progress`) over the pairs all of
-// them do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1, times N; it
+// started at the kernel's start, i.e. the pairs the one-item walks have done (`progress`) over the
+// pairs all CTAs do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1, times N; it
 // then wraps around. The running items so walk through the same tokens together. Only the order
 // changes: every token of the unit is still visited once. Split units cannot sweep (a part is a fixed
 // range of its unit's token list); hy_dw_plan puts their parts first, ordered by where each lies in
