@@ -921,7 +921,7 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
 // inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
 // (item_start[FF + 2]), the number of one-item units (item_start[FF + 3]) and of the split units'
-// items (item_start[FF + 4]). order[i] = unit << 16 | part of the i-th item hy_dw takes: first the
+// items (item_start[FF + 4]). order[i] = unit << 16 | part (as unsigned bits) of the i-th item hy_dw takes: first the
 // split units' items, by where their part lies in the unit's token list (the middle of part k of
 // P, in DW_BUCKETS buckets), so that the items running together read x and dy rows of nearby
 // tokens; then the one-item units in index order (which the token sweep keeps together). With
@@ -965,13 +965,13 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, in
   for (int j = threadIdx.x; j < FF; j += 1024) {
     const int n_items = item_start[j + 1] - item_start[j];
     if (!by_place) {
-      for (int k = 0; k < n_items; ++k) order[item_start[j] + k] = (j << 16) | k;
+      for (int k = 0; k < n_items; ++k) order[item_start[j] + k] = (int)(((unsigned)j << 16) | k);
     } else if (n_items == 1) {
-      order[split_items + rank[j]] = j << 16;
+      order[split_items + rank[j]] = (int)((unsigned)j << 16);
     } else {
       for (int k = 0; k < n_items; ++k) {
         const int b = (2 * k + 1) * DW_BUCKETS / (2 * n_items);
-        order[s_bucket[b] + atomicAdd(&s_fill[b], 1)] = (j << 16) | k;
+        order[s_bucket[b] + atomicAdd(&s_fill[b], 1)] = (int)(((unsigned)j << 16) | k);
       }
     }
   }
