@@ -193,6 +193,18 @@ def test_dw_split_units(split, part_order, monkeypatch):
     check_case(*make_inputs(3000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=8)
 
 
+def test_dw_units_past_32767(monkeypatch):
+    # hy_dw_plan packs unit << 16 | part into its item order: units past 32767 (d_ff up to 65504),
+    # some split over several items
+    from sparse_llm.kernels import hybrid
+
+    monkeypatch.setattr(hybrid, "DW_SPLIT_TOKENS", 32)
+    x, wg, wu, wd, dy = make_inputs(300, 256, 33024, torch.bfloat16, mean_active=60, dense_unit=True)
+    wg[33000] = 0.0
+    wg[33000, 0] = 3.0  # unit 33000 fires on every token (x[:, 0] = 1): ten items
+    check_case(x, wg, wu, wd, dy, width=8)
+
+
 @pytest.mark.parametrize("n,mean_active", [(1000, 10), (40000, 4)])
 def test_dw_token_sweep_changes_only_the_order(n, mean_active, monkeypatch):
     # hy_dw walks a one-item unit's tokens from the running items' common position (wrapping around)
