@@ -248,9 +248,9 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     # order hy_dw_plan writes (split units' parts by their place in the token order, then the rest)
     part = max(DW_SPLIT_TOKENS, -(-n // 0xFFFF))  # a part's index has 16 bits in the order
     max_items = d_ff + (n * d_ff + part - 1) // part
-    plan = torch.empty(2 * d_ff + 5 + max_items, dtype=torch.int32, device=dev)
-    item_start = plan[:d_ff + 5]  # + the sweep's inputs (hy_dw_plan)
-    rank, dw_order = plan[d_ff + 5:2 * d_ff + 5], plan[2 * d_ff + 5:]
+    plan = torch.empty(2 * d_ff + 4 + max_items, dtype=torch.int32, device=dev)
+    item_start = plan[:d_ff + 4]  # + the sweep's inputs (hy_dw_plan)
+    rank, dw_order = plan[d_ff + 4:2 * d_ff + 4], plan[2 * d_ff + 4:]
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
            (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(rank), ptr(dw_order), i32(d_ff), i32(part),
             i32(DW_PART_ORDER)))

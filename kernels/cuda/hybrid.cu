@@ -601,8 +601,8 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // items drift apart and read all of x and dy at once. So a one-item unit starts its walk at the
 // token where the running items are now: the position a walk would have reached if every item had
 // started at the kernel's start, i.e. the pairs the one-item walks have done (`progress`) over the
-// pairs all CTAs do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1, times N; it
-// then wraps around. The running items so walk through the same tokens together. Only the order
+// pairs all CTAs do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1,
+// times N; it then wraps around. The running items so walk through the same tokens together. Only the order
 // changes: every token of the unit is still visited once. Split units cannot sweep (a part is a fixed
 // range of its unit's token list); hy_dw_plan puts their parts first, ordered by where each lies in
 // its unit's list, so that the parts running together read rows of nearby tokens: in the 2B model's
@@ -920,15 +920,16 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
 // (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
 // inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
-// (item_start[FF + 2]), the number of one-item units (item_start[FF + 3]) and of the split units'
-// items (item_start[FF + 4]). order[i] = unit << 16 | part (as unsigned bits) of the i-th item hy_dw takes: first the
-// split units' items, by where their part lies in the unit's token list (the middle of part k of
-// P, in DW_BUCKETS buckets), so that the items running together read x and dy rows of nearby
-// tokens; then the one-item units in index order (which the token sweep keeps together). With
-// by_place = 0 every unit's items follow in index order instead (for A/B runs). `rank` (FF entries)
-// is scratch.
+// (item_start[FF + 2]), and the number of one-item units (item_start[FF + 3]). order[i] = unit << 16
+// | part (as unsigned bits) of the i-th item hy_dw takes: first the split units' items, by where
+// their part lies in the unit's token list (hy_part_bucket), so that the items running together
+// read x and dy rows of nearby tokens; then the one-item units in index order (which the token sweep
+// keeps together). With by_place = 0 every unit's items follow in index order instead (for A/B
+// runs). `rank` (FF entries) is scratch.
 constexpr int DW_BUCKETS = 64;
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
+// Bucket of part k of a unit's n_items parts: where the middle of the part lies in the unit's list.
+__device__ __forceinline__ int hy_part_bucket(int k, int n_items) { return (2 * k + 1) * DW_BUCKETS / (2 * n_items); }
 
 extern "C" __global__ void __launch_bounds__(1024)
 hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, int* order, int FF, int part,
@@ -946,7 +947,7 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, in
     item_start[j] = items;
     if (j < FF) rank[j] = items == 1;
     if (items == 1) pairs += count;
-    for (int k = 0; items > 1 && k < items; ++k) atomicAdd(&s_bucket[(2 * k + 1) * DW_BUCKETS / (2 * items)], 1);
+    for (int k = 0; items > 1 && k < items; ++k) atomicAdd(&s_bucket[hy_part_bucket(k, items)], 1);
   }
   for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
   if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
@@ -970,7 +971,7 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, in
       order[split_items + rank[j]] = (int)((unsigned)j << 16);
     } else {
       for (int k = 0; k < n_items; ++k) {
-        const int b = (2 * k + 1) * DW_BUCKETS / (2 * n_items);
+        const int b = hy_part_bucket(k, n_items);
         order[s_bucket[b] + atomicAdd(&s_fill[b], 1)] = (int)(((unsigned)j << 16) | k);
       }
     }
@@ -979,7 +980,6 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, in
     item_start[FF + 1] = s_pairs;
     item_start[FF + 2] = 0;
     item_start[FF + 3] = singles;
-    item_start[FF + 4] = split_items;
   }
 }
 
