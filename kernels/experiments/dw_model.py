@@ -1,4 +1,5 @@
-"""hy_dw on a whole model's activations: bench_model's calibrated model (default 2b: d 2048, d_ff 5632,
+"""The weight-gradient kernels (hy_dw up to v16; hy_fill_au + hy_dwy + hy_dwx since v17: "dW" below) on a
+whole model's activations: bench_model's calibrated model (default 2b: d 2048, d_ff 5632,
 16384 tokens a micro-batch) on its calibration micro-batch. Per FFN layer, the layer's own input and
 weights go through one hybrid fwd+bwd (random dy): the per-unit token counts (mean, max, units split
 over several items: >= DW_SPLIT_TOKENS) beside hy_forward / hy_dw / hy_dx device times, and hy_dw's time
@@ -27,6 +28,8 @@ only = {int(a) for a in sys.argv[3:]}
 variants = [int(v) for v in os.environ.get("DW_MODEL_SPLIT_ROWS", str(hybrid.SPLIT_ROWS)).split(",")]
 # DW_SPLIT_TOKENS values to time besides the default; e.g. DW_MODEL_DW_SPLITS=256,1024
 dw_splits = [int(v) for v in os.environ.get("DW_MODEL_DW_SPLITS", "").split(",") if v]
+# DW_MODEL_SWEEP_AB=1: also time with hybrid.DW_SWEEP off; DW_MODEL_PARTS=1: print each dW kernel's time
+sweep_ab = os.environ.get("DW_MODEL_SWEEP_AB", "0") == "1"
 # DW_MODEL_PART_ORDER_AB=1: also time hy_dw with hybrid.DW_PART_ORDER off (split units' parts in unit order)
 part_order_ab = os.environ.get("DW_MODEL_PART_ORDER_AB", "0") == "1"
 UNIFORM_NS_PER_PAIR = 2.14  # hy_dw on the uniform benchmark, 16384 tokens (experiments/kernel_scaling.py)
@@ -35,12 +38,17 @@ world = init_distributed("cuda")
 
 
 def kernel_ms(step, **knobs) -> list[float]:
-    """hy_forward, hy_dw and hy_dx device ms a call of `step`, with the hybrid module's `knobs` set for it."""
+    """hy_forward, dW and hy_dx device ms a call of `step`, with the hybrid module's `knobs` set for it (dW: the
+    weight-gradient kernels of either design, so that one copy of this script times two trees)."""
     saved = {name: getattr(hybrid, name) for name in knobs}
     for name, value in knobs.items():
         setattr(hybrid, name, value)
     try:
-        return [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+        fwd, dx = (_kernel_ms(step, k) for k in ("hy_forward", "hy_dx"))
+        dw = {k: _kernel_ms(step, k) for k in ("hy_dw", "hy_fill_au", "hy_dwy", "hy_dwx")}
+        if os.environ.get("DW_MODEL_PARTS") == "1":  # the dW kernels one by one
+            print("      dW kernels: " + ", ".join(f"{k} {ms:.3f}" for k, ms in dw.items() if ms > 0), flush=True)
+        return [fwd, sum(dw.values()), dx]
     finally:
         for name, value in saved.items():
             setattr(hybrid, name, value)
@@ -51,7 +59,7 @@ with model_trainer(model_name, world) as trainer:
     calibrate_gate_sparsity(trainer.model, tokens, target)
     print(f"{model_name}: {tokens.numel()} tokens; split units: >= {hybrid.DW_SPLIT_TOKENS} tokens")
     print(f"layer | pairs/token | unit tokens mean max split | rows max >={hybrid.SPLIT_ROW_UNITS} >=512 >=2048, pairs past the saved ELL | "
-          "hy_forward hy_dw hy_dx ms | hy_dw at uniform rate ms")
+          "hy_forward dW hy_dx ms | hy_dw (v16) at uniform rate ms")
     totals = [0.0, 0.0]
     for layer, (ffn, x) in enumerate(_ffn_inputs(trainer.model, tokens)):
         if only and layer not in only:
@@ -75,6 +83,9 @@ with model_trainer(model_name, world) as trainer:
         for split_tokens in dw_splits:  # other unit splits, for comparison
             ms = kernel_ms(step, DW_SPLIT_TOKENS=split_tokens)
             print(f"{layer:5d} | dw split {split_tokens}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
+        if sweep_ab:  # every walk from token 0, for comparison
+            ms = kernel_ms(step, DW_SWEEP=False)
+            print(f"{layer:5d} | no token sweep: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
         if part_order_ab:  # split units' parts in unit order, for comparison
             ms = kernel_ms(step, DW_PART_ORDER=False)
             print(f"{layer:5d} | parts in unit order: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
@@ -88,5 +99,5 @@ with model_trainer(model_name, world) as trainer:
               f"{int((rows >= hybrid.SPLIT_ROW_UNITS).sum()):4d} {int((rows >= 512).sum()):4d} {int((rows >= 2048).sum()):3d} "
               f"{100 * (rows - hybrid.DEFAULT_ELL_WIDTH).clamp(min=0).sum().item() / max(pairs, 1):4.1f}% | {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f} | {uniform:.3f}",
               flush=True)
-    print(f"hy_dw total {totals[0]:.2f} ms, at the uniform rate {totals[1]:.2f} ms")
+    print(f"dW total {totals[0]:.2f} ms; hy_dw (v16) at the uniform rate {totals[1]:.2f} ms")
 shutdown()

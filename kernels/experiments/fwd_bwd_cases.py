@@ -1,4 +1,5 @@
-"""Per-kernel device time (hy_forward, hy_dw, hy_dx) and the whole hybrid fwd+bwd back to back for the
+"""Per-kernel device time (hy_forward, the weight-gradient kernels (hy_dw up to v16, hy_dwy + hy_dwx
+since v17), hy_dx) and the whole hybrid fwd+bwd back to back for the
 training bench's 99.5%, 99% and heavy-tail cases (16384 tokens, 2048 x 5632, bf16), each line tagged.
 For A/B runs of two trees on one machine (NOTES_hybrid v14, `results/hybrid_dw_pair_vs_diet_h100.log`):
 
@@ -16,6 +17,7 @@ tag = sys.argv[1] if len(sys.argv) > 1 else "this tree"
 for level in (29.0, 58.0, -29.0):  # 99.5%, 99%, heavy tail
     syn, label = make_experiment_case(16384, 2048, 5632, level)
     step = hybrid_training_step(syn)
-    ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+    ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dwy", "hy_dwx", "hy_dx")]
+    ms = [ms[0], ms[1] + ms[2] + ms[3], ms[4]]
     total = do_bench(step, warmup=10, rep=200)
     print(f"{tag} {label} | {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f} | {total:.3f}", flush=True)
