@@ -153,13 +153,11 @@ def profile_case(s, args, name):
 
     from sparse_llm.kernels import hybrid
 
-    if args.dw_splits:  # time the weight-gradient kernels alone for each unit split size
-        default = hybrid.DW_SPLIT_TOKENS
+    if args.dw_splits:  # time hy_dw alone for each unit split size
         for split in [int(v) for v in args.dw_splits.split(",")]:
             hybrid.DW_SPLIT_TOKENS = split
-            ms = sum(_kernel_ms(ours, k) for k in ("hy_fill_au", "hy_dwy", "hy_dwx"))
-            print(f"  hy_fill_au + hy_dwy + hy_dwx with DW_SPLIT_TOKENS={split}: {ms:.3f} ms per backward", flush=True)
-        hybrid.DW_SPLIT_TOKENS = default
+            print(f"  hy_dw with DW_SPLIT_TOKENS={split}: {_kernel_ms(ours, 'hy_dw'):.3f} ms per backward", flush=True)
+        hybrid.DW_SPLIT_TOKENS = args.dw_split
     if args.fwd_minb:  # time hy_forward alone for each register cap
         for mb in [int(v) for v in args.fwd_minb.split(",")]:
             hybrid.FWD_MIN_BLOCKS = mb
@@ -200,16 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="per-kernel times of the first case")
     p.add_argument("--json", default="", help="write the rows to this file")
     p.add_argument("--fwd-minb", default="", help="with --profile: hy_forward times for these min-blocks")
-    p.add_argument("--dw-splits", default="", help="with --profile: weight-gradient kernel times for these unit split sizes")
-    p.add_argument("--dw-split", type=int, default=None, help="tokens per item of a split unit (default: hybrid.DW_SPLIT_TOKENS)")
+    p.add_argument("--dw-splits", default="", help="with --profile: hy_dw times for these unit split sizes")
+    p.add_argument("--dw-split", type=int, default=512, help="hy_dw: tokens per part of a split unit")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the training bench needs a CUDA GPU")
     torch.manual_seed(0)
     from sparse_llm.kernels import hybrid
 
-    if args.dw_split is not None:
-        hybrid.DW_SPLIT_TOKENS = args.dw_split
+    hybrid.DW_SPLIT_TOKENS = args.dw_split
     dev = torch.cuda.get_device_name()
     d, f, n = args.d_model, args.d_ff, args.tokens
     compiled = None if args.no_compile else torch.compile(dense_ffn)

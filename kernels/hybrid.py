@@ -25,20 +25,18 @@ from sparse_llm.kernels.loader import device_properties, launch, resident_blocks
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
 _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
-# hy_dwx: chunks of 256 columns a warp takes (= HY_DWX_NC in hybrid.cu; other values, for experiments,
-# compile their own module)
-DWX_CHUNKS = 4
-# hy_dwy / hy_dwx: a unit active on at least twice this many tokens (by the forward's neuron counts) is
-# split over work items of this many tokens each (the last takes the rest), so that a unit that fires
-# on most tokens does not become the kernel's tail: an item is one warp's serial walk (~1.6 us a token
-# in the models), and 512-token items made hy_dwy 0.85 ms where 128 gave 0.51 (NOTES_hybrid v17).
-# The items of a split unit add float32 rows (order-dependent in the last bits).
-DW_SPLIT_TOKENS = 128
-# hy_dwy / hy_dwx: the running items walk their units' tokens from a common position (hybrid.cu, "Token sweep"),
+# hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
+# values (for experiments/dw_pipeline_sweep.py) compile their own module
+DW_STAGES, DW_BATCH = 2, 6
+# hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
+# several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
+# kernel's tail; the parts add float32 rows (order-dependent in the last bits).
+DW_SPLIT_TOKENS = 512
+# hy_dw: the running items walk their units' tokens from a common position (hybrid.cu, "Token sweep"),
 # so that they read the same x and dy rows at about the same time; False (or the environment's
 # SPARSE_LLM_DW_SWEEP=0, for A/B runs of whole models) walks each from token 0.
 DW_SWEEP = os.environ.get("SPARSE_LLM_DW_SWEEP", "1") != "0"
-# hy_dwy / hy_dwx: the parts of split units run first, ordered by where they lie in their unit's token list, so
+# hy_dw: the parts of split units run first, ordered by where they lie in their unit's token list, so
 # that the parts running together read nearby x and dy rows (hy_dw_plan); False (or the environment's
 # SPARSE_LLM_DW_PART_ORDER=0) runs every unit's items in unit order, among the one-item units.
 DW_PART_ORDER = os.environ.get("SPARSE_LLM_DW_PART_ORDER", "1") != "0"
@@ -46,9 +44,6 @@ DW_PART_ORDER = os.environ.get("SPARSE_LLM_DW_PART_ORDER", "1") != "0"
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
 SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
-# hy_fill_au: up to FILL_ROWS of the rows the row plan splits (the longest) are split over FILL_PARTS
-# warps (= FILL_PARTS in hybrid.cu) to recompute their pairs past the saved ELL
-FILL_ROWS, FILL_PARTS = 1024, 32
 BACKWARD_ELL_WIDTH = 2048  # floor of the (dg, du) ELL's width, see backward_ell_width
 ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
 # hy_forward's __launch_bounds__ min-blocks (1: ptxas's choice, ~230 registers at d_model 2048, so 2
@@ -98,8 +93,8 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_fill_au", "hy_dwy", "hy_dwx",
-                "hy_dw_zero", "hy_dw_finish", "hy_dx", "hy_transpose16")
+KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
+                "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
 def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
@@ -109,8 +104,8 @@ def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> 
     defines = dict(HY_D=d_model, HY_GATED=int(gated), HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
     if name == "hy_forward" and FWD_MIN_BLOCKS != 1:
         defines["HY_FWD_MINB"] = FWD_MIN_BLOCKS
-    if name == "hy_dwx" and DWX_CHUNKS != 4:
-        defines["HY_DWX_NC"] = DWX_CHUNKS
+    if name == "hy_dw" and (DW_STAGES, DW_BATCH) != (2, 6):
+        defines.update(HY_DW_NS=DW_STAGES, HY_DW_BT=DW_BATCH)
     return defines
 
 
@@ -130,13 +125,6 @@ def _c(t: Tensor) -> Tensor:
     """Contiguous with a 16-byte aligned start (the kernels use 16-byte vector accesses)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
-def _dwy_team(d_model: int) -> int:
-    """Warps per hy_dwy item (= DWY_TEAM in hybrid.cu): the fewest that split the row's chunks of 256
-    columns evenly with at most 8 a warp."""
-    chunks = d_model // 256
-    return next(t for t in range(1, chunks + 1) if chunks % t == 0 and chunks // t <= 8)
 
 
 def _transpose16(t: Tensor) -> Tensor:
@@ -255,44 +243,31 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     if n > 0:
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
+    threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item), in the
     # order hy_dw_plan writes (split units' parts by their place in the token order, then the rest)
     part = max(DW_SPLIT_TOKENS, -(-n // 0xFFFF))  # a part's index has 16 bits in the order
     max_items = d_ff + (n * d_ff + part - 1) // part
-    plan = torch.empty(2 * d_ff + 5 + max_items, dtype=torch.int32, device=dev)
-    item_start = plan[:d_ff + 5]  # + the sweep's inputs (hy_dw_plan)
-    rank, dw_order = plan[d_ff + 5:2 * d_ff + 5], plan[2 * d_ff + 5:]
+    plan = torch.empty(2 * d_ff + 4 + max_items, dtype=torch.int32, device=dev)
+    item_start = plan[:d_ff + 4]  # + the sweep's inputs (hy_dw_plan)
+    rank, dw_order = plan[d_ff + 4:2 * d_ff + 4], plan[2 * d_ff + 4:]
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
            (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(rank), ptr(dw_order), i32(d_ff), i32(part),
             i32(DW_PART_ORDER)))
-    threads = d_model // 8
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     sms = device_properties(dev).multi_processor_count
-    items = d_ff + 4 * sms  # the grids' first round (both kernels loop over the items past it)
-    if n > 0:  # (a, u) of the pairs past the saved ELL, in the (dg, du) ELL's slots
-        fill_rows = min(FILL_ROWS, n)
-        launch(_kernel("hy_fill_au", dev, d_model, gated, dt),
-               (fill_rows * FILL_PARTS // _FWD_WARPS + (n + _FWD_WARPS - 1) // _FWD_WARPS,), (_FWD_WARPS * 32,),
-               (ptr(x), ptr(wg), ptr(w_up if gated else None), ptr(mrow), ptr(tprefix), ptr(ell_d), ptr(order),
-                ptr(split_rows), i32(fill_rows), i32(n), i32(d_ff), i32(width), i32(width_d)))
-    # hy_dwy: dWd and the (dg, du) ELL; a CTA runs 4 one-warp items, or one team past d_model 2048
-    team = _dwy_team(d_model)
-    dwy = _kernel("hy_dwy", dev, d_model, gated, dt)
-    dwy_warps, dwy_items = (4, 4) if team == 1 else (team, 1)
-    sweep = sms * resident_blocks(dwy, 32 * dwy_warps) * dwy_items if DW_SWEEP else 0
-    launch(dwy, (-(-items // dwy_items),), (32 * dwy_warps,),
+    grid = d_ff + 4 * sms  # items past d_ff: split units
+    dw = _kernel("hy_dw", dev, d_model, gated, dt)
+    dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
+    sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
+    progress = item_start[d_ff + 2:d_ff + 3]  # the sweep's pair counter, zeroed by hy_dw_plan
+    launch(dw, (grid,), (threads,),
            (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwdt), ptr(item_start), ptr(dw_order), ptr(acc),
-            ptr(item_start[d_ff + 2:]), i32(sweep), i32(part), i32(n), i32(d_ff), i32(width), i32(width_d)))
-    # hy_dwx: dWg and dWu from that ELL, a warp per (item, slice of columns)
-    slices = -(-(d_model // 256) // min(DWX_CHUNKS, d_model // 256))
-    dwx = _kernel("hy_dwx", dev, d_model, gated, dt)
-    sweep = sms * resident_blocks(dwx, 128) * 4 if DW_SWEEP else 0
-    launch(dwx, (-(-items * slices // 4),), (128,),
-           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-            ptr(tprefix), ptr(ell_d), ptr(dl1), ptr(dwg), ptr(dwu), ptr(item_start), ptr(dw_order), ptr(acc),
-            ptr(item_start[d_ff + 4:]), i32(sweep), i32(part), i32(n), i32(d_ff), i32(width_d)))
+            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
+            ptr(dw_order), ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
+            i32(d_ff), i32(width), i32(width_d)),
+           shared_mem=dw_shared)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:

@@ -43,7 +43,7 @@ for section in "${sections[@]}"; do
                ${TRAINING_ARGS:-}
              step rope_ab python3 kernels/experiments/rope_ab.py
              step loss_ab python3 kernels/experiments/loss_ab.py ;;
-    ncu)     step ncu_hybrid ncu --clock-control none -k regex:'hy_(forward|dw|dwy|dwx|dx)$' -c 6 --section SpeedOfLight \
+    ncu)     step ncu_hybrid ncu --clock-control none -k regex:'hy_(forward|dw|dx)' -c 6 --section SpeedOfLight \
                --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
                python3 kernels/hybrid_ncu_case.py ;;
     models)  step bench_models python3 -m sparse_llm.study.bench_model --models ${MODELS:-0p5b 1b 1p5b 2b} \

@@ -12,13 +12,12 @@
 //                 for ranks < W, l1 per token, stats
 //   hy_rows_finish  adds the float32 parts of the long rows (y and stats, or dX)
 //   hy_transpose  mrow -> column bitmask mcol [FF, ceil(N/32)] (the neuron-major index)
-//   hy_dwy        team of warps (one up to d_model 2048) per work item (a unit's tokens, split into
-//                 parts where it fires on many): dh, dg, du for its tokens, dWd^T_j (fp32 accumulation
-//                 in registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du), WD
-//                 wide (WD >= W: it lives only through the backward)
-//   hy_dwx        warp per (work item, column slice): dWg_j, dWu_j from that ELL
+//   hy_dw         CTA per work item (a unit's tokens, split into parts where it fires on many):
+//                 dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32 accumulation in
+//                 registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du), WD wide
+//                 (WD >= W: it lives only through the backward)
 //   hy_dw_plan    work items per unit from the forward's neuron counts (one CTA, a scan), and the
-//                 order hy_dwy and hy_dwx take them in
+//                 order hy_dw takes them in
 //   hy_dw_zero, hy_dw_finish  zero / write out the fp32 rows of the split units
 //   hy_dx         warp per token (long rows split): dX = sum_j dg Wg_j + du Wu_j
 // A pair whose rank in its row is >= W (a row past the ELL width) has no stored values: every
@@ -46,7 +45,19 @@
 constexpr int D = HY_D;             // d_model
 constexpr int NC = D / 256;         // 16-byte chunks per lane when a warp covers a row of D
 constexpr int FWD_WARPS = 4;        // tokens per CTA in hy_forward / hy_dx
-constexpr int DW_THR = D / 8;       // hy_dw_zero / hy_dw_finish: threads per CTA, 8 columns each
+constexpr int DW_THR = D / 8;       // hy_dw: threads per CTA, 8 columns each
+constexpr int DW_WARPS = DW_THR / 32;
+#ifndef HY_DW_BT
+#define HY_DW_BT 6  // 2 x 6 beat 3 x 4 by 12-22% (NOTES_hybrid.md v13); 2 CTAs an SM fit up to 12 slices
+#endif
+#ifndef HY_DW_NS
+#define HY_DW_NS 2
+#endif
+constexpr int DW_BT = HY_DW_BT;     // hy_dw: tokens per batch (two barriers a batch)
+constexpr int DW_NS = HY_DW_NS;     // hy_dw: cp.async stages
+constexpr int DW_MINB = DW_THR < 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas (d_model 4096: shared memory holds one)
+constexpr int DW_WPT = 4;           // hy_dw: column-bitmask words per thread per scan round
+constexpr int DW_CAP = 512;         // hy_dw: tokens listed in shared memory at a time
 
 static_assert(D % 256 == 0 && D >= 256 && D <= 8192, "HY_D must be a multiple of 256 in [256, 8192]");
 
@@ -103,6 +114,30 @@ __device__ __forceinline__ float hy_warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TW_FULL_MASK, v, o);
   return v;
+}
+
+// Warp totals of V <= 8 values at once: returns, in lanes 4k .. 4k + 3, the sum over the warp of
+// v[k] (k < V). Each butterfly level keeps half of the values and sends the other half: 9 shuffles in
+// all, where hy_warp_sum takes 5 a value; every total is the same tree of additions as hy_warp_sum's.
+template <int V>
+__device__ __forceinline__ float hy_warp_sum_by_lane(const float v[V], int lane) {
+  static_assert(V >= 1 && V <= 8, "hy_warp_sum_by_lane: 1 to 8 values");
+  float a[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) a[i] = i < V ? v[i] : 0.f;
+#pragma unroll
+  for (int half = 4, o = 16; half >= 1; half >>= 1, o >>= 1) {  // o: 16, 8, 4 keeps 4, 2, 1 values
+    const bool upper = (lane & o) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float keep = upper ? a[i + half] : a[i];
+      const float send = upper ? a[i] : a[i + half];
+      a[i] = keep + __shfl_xor_sync(TW_FULL_MASK, send, o);
+    }
+  }
+  a[0] += __shfl_xor_sync(TW_FULL_MASK, a[0], 2);
+  a[0] += __shfl_xor_sync(TW_FULL_MASK, a[0], 1);
+  return a[0];
 }
 
 __device__ __forceinline__ float2 hy_f2(float a, float b) {
@@ -259,17 +294,15 @@ struct hy_work {
 };
 
 // This warp's work, or t < 0 for none. Uniform across a CTA's warps for split rows.
-// (PARTS: warps a split row takes; hy_fill_au, which needs no partial sums, splits further.)
-template <int PARTS = ROW_PARTS>
 __device__ __forceinline__ hy_work hy_row_work(const int* __restrict__ order, const int* __restrict__ split_count,
                                                int R, int N) {
   const int warp = threadIdx.x >> 5;
   const int split = hy_min(hy_min(split_count ? __ldg(split_count) : 0, R), N);
-  const int part_ctas = R * (PARTS / FWD_WARPS);
+  const int part_ctas = R * (ROW_PARTS / FWD_WARPS);
   hy_work w;
   if ((int)blockIdx.x < part_ctas) {
-    w.index = blockIdx.x / (PARTS / FWD_WARPS);
-    w.part = (blockIdx.x % (PARTS / FWD_WARPS)) * FWD_WARPS + warp;
+    w.index = blockIdx.x / (ROW_PARTS / FWD_WARPS);
+    w.part = (blockIdx.x % (ROW_PARTS / FWD_WARPS)) * FWD_WARPS + warp;
   } else {
     w.index = split + ((int)blockIdx.x - part_ctas) * FWD_WARPS + warp;
     w.part = -1;
@@ -453,39 +486,6 @@ hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1
 // as hy_forward's. (dg, du) come from ell_d for ranks < W (here: hy_dw's WD), else they are
 // recomputed exactly as hy_dw does.
 
-// (dg, du) of pair (t, j) recomputed by a warp from x_t, dy_t and the unit's three weight rows
-// (every lane gets them): for pairs past the (dg, du) ELL.
-__device__ __forceinline__ float2 hy_pair_grads(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY,
-                                                const tw_u16* __restrict__ WG, const tw_u16* __restrict__ WU,
-                                                const tw_u16* __restrict__ WDT, int t, int j, float dl1) {
-  const int lane = threadIdx.x & 31;
-  const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
-  const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
-  const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
-  const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
-  float pd = 0.f, pg = 0.f;  // loops left rolled: a rare path, whose registers every caller would pay
-#pragma unroll 1
-  for (int c = 0; c < NC; ++c) {
-    pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
-    pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
-  }
-  pd = hy_warp_sum(pd);
-  const float a = fmaxf(hy_warp_sum(pg), 0.f);
-#if HY_GATED
-  const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
-  float pu = 0.f;
-#pragma unroll 1
-  for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
-  const float u = hy_warp_sum(pu);
-  const float dh = pd + dl1 * hy_sign(a * u);
-  return hy_f2((a > 0.f) ? dh * u : 0.f, dh * a);
-#else
-  (void)WU;
-  const float dh = pd + dl1 * hy_sign(a);
-  return hy_f2((a > 0.f) ? dh : 0.f, 0.f);
-#endif
-}
-
 // acc += the pairs of row t in the words w with w % step == sel (hy_row_pairs)
 __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const tw_u16* __restrict__ X,
                                           const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
@@ -494,16 +494,45 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
                                           float dl1, int nw, int W) {
   const int lane = threadIdx.x & 31;
   const tw_u64 pol_w = tw_policy_keep();
+  const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
+  const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
   hy_row_pairs(mrow + (size_t)t * nw, nw, sel, step, [&](const int j, const int rank) {
     float dg, du;
     if (rank < W) {
       const float2 e = __ldg(ell_d + (size_t)t * W + rank);
       dg = e.x;
       du = e.y;
-    } else {  // overflow pair: recomputed from x, dy and the unit's weight rows
-      const float2 g = hy_pair_grads(X, DY, WG, WU, WDT, t, j, dl1);
-      dg = g.x;
-      du = g.y;
+    } else {
+      // overflow pair: recompute g, u, dh from x, dy and the unit's weight rows
+      const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
+      const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+      float pd = 0.f, pg = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
+        pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
+      }
+#if HY_GATED
+      const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+      float pu = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
+      pu = hy_warp_sum(pu);
+#endif
+      pd = hy_warp_sum(pd);
+      pg = hy_warp_sum(pg);
+      const float a = fmaxf(pg, 0.f);
+#if HY_GATED
+      const float h = a * pu;
+      const float dh = pd + dl1 * hy_sign(h);
+      du = dh * a;
+      dg = (a > 0.f) ? dh * pu : 0.f;
+#else
+      const float dh = pd + dl1 * hy_sign(a);
+      dg = (a > 0.f) ? dh : 0.f;
+      du = 0.f;
+      (void)du;
+#endif
     }
     const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
 #if HY_GATED
@@ -560,492 +589,345 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
 }
 
 // ---------------------------------------------------------------------------------------------
-// hy_fill_au: (a, u) of the pairs of rank W <= rank < WD (rows of more active units than the saved
-// ELL holds) into their (dg, du) ELL slots, for hy_dwy to read there (it then overwrites them with
-// (dg, du)). Token-major: x_t is read once and the weight rows stream at L2 speed, where hy_dwy,
-// recomputing them a token at a time, took ~20x the time of a stored pair. Warp per row; each pair is
-// independent (no partial sums), so the up to FILL_ROWS longest rows of the row plan are split over
-// FILL_PARTS warps by words, finer than hy_forward's: the models' longest rows have thousands of
-// pairs past W. Rows of at most W units return after counting.
-constexpr int FILL_PARTS = 32;
-static_assert(FILL_PARTS % FWD_WARPS == 0 && (FILL_PARTS & (FILL_PARTS - 1)) == 0, "FILL_PARTS: power of two");
+// hy_dw: CTA per work item, DW_THR threads, thread i owns columns 8i .. 8i+7. An item is unit j's
+// tokens with list positions [k*S, (k+1)*S) (the last item of a unit takes all the rest): a unit
+// firing on many tokens is split over several CTAs instead of making one CTA the whole kernel's
+// tail. The unit's tokens come from its column bitmask, DW_CAP at a time; x_t and dy_t slices
+// stream through a DW_NS-stage cp.async pipeline into thread-private shared memory, DW_BT tokens
+// a batch. A unit of one item writes its dW rows; the items of a split unit add float32 partial
+// rows into ACC (zeroed by hy_dw_zero) and hy_dw_finish writes those units' rows.
+// Token sweep (`sweep` > 0, the number of CTAs running at once): x and dy (N x 4 KB each at d 2048)
+// do not fit L2, and every unit's tokens are spread over all N. Walked from token 0, the running
+// items drift apart and read all of x and dy at once. So a one-item unit starts its walk at the
+// token where the running items are now: the position a walk would have reached if every item had
+// started at the kernel's start, i.e. the pairs the one-item walks have done (`progress`) over the
+// pairs all CTAs do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1,
+// times N; it then wraps around. The running items so walk through the same tokens together. Only the order
+// changes: every token of the unit is still visited once. Split units cannot sweep (a part is a fixed
+// range of its unit's token list); hy_dw_plan puts their parts first, ordered by where each lies in
+// its unit's list, so that the parts running together read rows of nearby tokens: in the 2B model's
+// layers (a hundred units on 512 to all 16384 tokens) hy_dw went from 1.09-1.32 ms to 0.90-0.98 ms.
 
-extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, 1)  // 1: ptxas's own cap spilled at d_model 512
-hy_fill_au(const tw_u16* __restrict__ X, const tw_u16* __restrict__ WG, const tw_u16* __restrict__ WU,
-           const tw_u32* __restrict__ mrow, const int* __restrict__ tprefix, float2* __restrict__ ell_d,
-           const int* __restrict__ order, const int* __restrict__ split_count, int R, int N, int FF, int W, int WD) {
-  const int lane = threadIdx.x & 31;
-  const hy_work work = hy_row_work<FILL_PARTS>(order, split_count, R, N);
-  if (work.t < 0) return;
-  const int t = work.t, nw = FF >> 5, nt = (FF + 255) >> 8;
-  const tw_u32* mr = mrow + (size_t)t * nw;
-  const int last = lane < nw - (nt - 1) * 8 ? __popc(__ldg(mr + (nt - 1) * 8 + lane)) : 0;
-  if (__ldg(tprefix + (size_t)t * nt + nt - 1) + hy_warp_sum(last) <= W) return;  // the row's count
-  const tw_u64 pol_w = tw_policy_keep();
-  uint4 xr[NC];
-#pragma unroll
-  for (int c = 0; c < NC; ++c) xr[c] = __ldg(reinterpret_cast<const uint4*>(X + (size_t)t * D) + c * 32 + lane);
-  hy_row_pairs(mr, nw, work.part < 0 ? 0 : work.part, work.part < 0 ? 1 : FILL_PARTS, [&](const int j, const int rank) {
-    if (rank < W || rank >= WD) return;
-    const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D) + lane;
-    float pg = 0.f;
-#pragma unroll
-    for (int c = 0; c < NC; ++c) pg += hy_dot8(xr[c], tw_ld16(wgr + c * 32, pol_w));
-#if HY_GATED
-    const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D) + lane;
-    float pu = 0.f;
-#pragma unroll
-    for (int c = 0; c < NC; ++c) pu += hy_dot8(xr[c], tw_ld16(wur + c * 32, pol_w));
-    pu = hy_warp_sum(pu);
-#else
-    (void)WU;
-    const float pu = 0.f;
-#endif
-    pg = hy_warp_sum(pg);
-    if (lane == 0) ell_d[(size_t)t * WD + rank] = hy_f2(fmaxf(pg, 0.f), pu);
-  });
+__device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
+  tw_u32 r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Weight gradients, unit-major, in two passes over each work item's tokens (an item: unit j's
-// tokens with list positions [k*S, (k+1)*S) as hy_dw_plan orders them, the last item of a unit
-// taking the rest, so that a unit firing on many tokens is split over several warps instead of
-// making one the kernel's tail):
-//   hy_dwy  a team of DWY_TEAM warps per item (one warp up to d_model 2048) holding Wd_j in
-//           registers: dh = dy_t.Wd_j + dl1 sign(h) and then dg, du for each token; dWd^T_j =
-//           sum_t h dy_t; the (dg, du) ELL, WD wide (WD >= W: it lives only through the backward).
-//   hy_dwx  a warp per (item, slice of DWX_NC x 256 columns): dWg_j = sum_t dg x_t, dWu_j = sum_t
-//           du x_t on its columns, (dg, du) from the ELL (recomputed past it, as hy_dx does).
-// One kernel for all three rows (the design up to v16) held 24 KB of float32 accumulators a unit:
-// about two units an SM ran at once, so each wave of running units read x and dy (N x 4 KB each)
-// from DRAM again, and its dot products needed a CTA-wide reduction with two barriers every few
-// tokens. Split this way a warp holds 8 KB (hy_dwy) or 2 x its slice (hy_dwx), four to eight times
-// the items run at once, each pass reads only one of dy and x, and neither has a CTA barrier
-// (hy_dwy's teams past d_model 2048 aside). The items of a one-item unit write its rows; the items
-// of a split unit add float32 rows into ACC (hy_dw_zero, hy_dw_finish). Pairs of rank >= W in their
-// row (past the forward's (a, u) ELL) have a, u recomputed in hy_dwy from x_t, Wg_j and Wu_j.
-// Token sweep (`sweep` > 0, the number of items running at once): x and dy do not fit L2, and every
-// unit's tokens are spread over all N. Walked from token 0, the running items drift apart and read
-// all of x and dy at once. So a one-item unit starts its walk at the token where the running items
-// are now: the position a walk would have reached if every item had started at the kernel's start,
-// i.e. the pairs the one-item walks have done (`progress`) over the pairs all running items do in the
-// time of one walk (sweep x the mean pairs of a one-item unit), modulo 1, times N; it then wraps
-// around. The running items so walk through the same tokens together. Only the order changes: every
-// token of the unit is still visited once. Split units cannot sweep (a part is a fixed range of its
-// unit's token list); hy_dw_plan puts their parts first, ordered by where each lies in its unit's
-// list, so that the parts running together read rows of nearby tokens.
-
-constexpr int DW_LIST = 128;  // tokens a warp lists in shared memory at a time
-constexpr int DW_WPL = 4;     // column-bitmask words per lane per step of a walk
-#ifndef HY_DWX_NC
-#define HY_DWX_NC 4
-#endif
-// hy_dwy: warps per item, the fewest that split the row's chunks evenly with at most 8 a warp
-// (64 + 64 float registers for Wd_j and the accumulators)
-__host__ __device__ constexpr int hy_dwy_team(int nc, int t) { return (nc % t == 0 && nc / t <= 8) ? t : hy_dwy_team(nc, t + 1); }
-constexpr int DWY_TEAM = hy_dwy_team(NC, 1);
-constexpr int DWY_NC = NC / DWY_TEAM;                    // chunks of 256 columns a warp
-constexpr int DWY_WARPS = DWY_TEAM == 1 ? 4 : DWY_TEAM;  // a CTA: four one-warp items, or one team
-constexpr int DWY_ITEMS = DWY_WARPS / DWY_TEAM;          // items a CTA runs at once
-constexpr int DWX_NC = HY_DWX_NC < NC ? HY_DWX_NC : NC;  // hy_dwx: chunks of 256 columns a warp
-constexpr int DWX_SLICES = (NC + DWX_NC - 1) / DWX_NC;
-constexpr int DWX_WARPS = 4;
+__device__ __forceinline__ void hy_cp16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(hy_smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void hy_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int Pending>
+__device__ __forceinline__ void hy_cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
+}
 
 // Bitmask word at position `wr` of a walk that starts at word `first` and wraps around at WC.
 __device__ __forceinline__ int hy_walk_word(int wr, int first, int WC) {
   return wr + first < WC ? wr + first : wr + first - WC;
 }
 
-struct hy_item {
-  int unit;
-  int lo, hi;   // list positions of the item's tokens
-  int n_items;  // items of its unit
-  int first;    // the walk's first bitmask word
-};
+extern "C" __global__ void __launch_bounds__(DW_THR, DW_MINB)
+hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+      const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+      const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+      const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
+      tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
+      const int* __restrict__ order, float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N,
+      int FF, int W, int WD) {
+  extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
+  __shared__ int s_tok[DW_CAP];
+  __shared__ unsigned s_row[DW_CAP];  // t * D / 8: the token's row in 16-byte units (N * D < 2^31)
+  __shared__ int s_rank[DW_CAP];
+  __shared__ float2 s_au[DW_CAP];
+  __shared__ float s_part[DW_WARPS][3 * DW_BT];
+  __shared__ float s_coef[DW_BT][3];
+  __shared__ int s_wsum[DW_WARPS];
+  volatile __shared__ int s_range[5];  // lo, hi, items of the unit, unit, first word of the walk
 
-// Item i of hy_dw_plan's order; the sweep's phase is read by lane 0 and shared (the lanes of a
-// warp, or the warps of a team, must walk the same tokens).
-__device__ __forceinline__ hy_item hy_item_at(const int* __restrict__ item_start, const int* __restrict__ order, int i,
-                                              const int* progress, int sweep, int S, int WC, int FF) {
-  const unsigned e = (unsigned)__ldg(order + i);
-  hy_item it;
-  it.unit = (int)(e >> 16);
-  const int k = (int)(e & 0xFFFFu);
-  it.n_items = __ldg(item_start + it.unit + 1) - __ldg(item_start + it.unit);
-  it.lo = k * S;
-  it.hi = (k == it.n_items - 1) ? 0x7FFFFFFF : (k + 1) * S;
-  int first = 0;
-  if (sweep > 0 && it.n_items == 1 && (threadIdx.x & 31) == 0) {
-    // a one-item walk covers all N tokens in the time its warp does its unit's pairs: the mean over
-    // the one-item units (split units' longer items would make the phase lag the walks)
-    const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
-    float phase = (float)*(volatile const int*)progress / fmaxf((float)sweep * per_item, 1.f);
-    phase -= floorf(phase);
-    first = min((int)(phase * (float)WC), WC - 1);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
+  // dl1, the L2 policy and the item count are re-read where used: hy_dw is at its register limit
+
+#pragma unroll 1
+  for (int item = blockIdx.x; item < __ldg(item_start + FF); item += gridDim.x) {
+  if (tid == 0) {  // unit and list positions [lo, hi) of this item, in shared memory (registers are short)
+    const unsigned e = (unsigned)__ldg(order + item);
+    const int unit = (int)(e >> 16), k_item = (int)(e & 0xFFFFu);
+    const int n_items = __ldg(item_start + unit + 1) - __ldg(item_start + unit);
+    s_range[0] = k_item * S;
+    s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
+    s_range[2] = n_items;
+    s_range[3] = unit;
+    int first_word = 0;
+    if (sweep > 0 && n_items == 1) {  // split units keep token order: their items share one list
+      // a one-item walk covers all N tokens in the time its CTA does its unit's pairs: the mean over
+      // the one-item units (split units' longer items would make the phase lag the walks)
+      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
+      float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
+      phase -= floorf(phase);
+      first_word = min((int)(phase * (float)WC), WC - 1);
+    }
+    s_range[4] = first_word;
   }
-  it.first = __shfl_sync(TW_FULL_MASK, first, 0);
-  return it;
-}
+  __syncthreads();
+  const int j = s_range[3];
 
-// Calls visit(list, m) with the item's tokens in walk order (list positions [lo, hi) of the unit's
-// column bitmask mc, walked from word `first`), at most DW_LIST at a time in the warp's list[].
-template <class Visit>
-__device__ __forceinline__ void hy_item_tokens(const tw_u32* __restrict__ mc, int WC, const hy_item& it, int* list,
-                                               Visit&& visit) {
-  const int lane = threadIdx.x & 31;
-  int seen = 0;  // tokens of the unit in earlier steps
-  for (int cw = 0; cw < WC && seen < it.hi; cw += 32 * DW_WPL) {
-    tw_u32 words[DW_WPL];
+  // wd is used for every token; wg and wu only to recompute pairs past the ELL width: kept packed
+  float wd[8];
+  hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, tw_policy_stream()), wd);
+  const uint4 wgq = tw_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, tw_policy_stream());
+#if HY_GATED
+  const uint4 wuq = tw_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, tw_policy_stream());
+  float au[8];
+#endif
+  float ag[8], ad[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    ag[k] = 0.f;
+    ad[k] = 0.f;
+#if HY_GATED
+    au[k] = 0.f;
+#endif
+  }
+
+  const tw_u32* mc = mcol + (size_t)j * WC;
+  int seen = 0;  // tokens of unit j in earlier rounds
+#pragma unroll 1
+  for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
+    // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
+    tw_u32 words[DW_WPT];
     int cnt = 0;
 #pragma unroll
-    for (int q = 0; q < DW_WPL; ++q) {
-      const int wr = cw + lane * DW_WPL + q;
-      words[q] = wr < WC ? __ldg(mc + hy_walk_word(wr, it.first, WC)) : 0u;
+    for (int q = 0; q < DW_WPT; ++q) {
+      const int wr = cw + tid * DW_WPT + q;  // position in the walk
+      words[q] = (wr < WC) ? __ldg(mc + hy_walk_word(wr, s_range[4], WC)) : 0u;
       cnt += __popc(words[q]);
     }
-    const int incl = tw_warp_scan(cnt, lane);
-    const int total = __shfl_sync(TW_FULL_MASK, incl, 31);
-    const int off = incl - cnt;  // step position of this lane's first token
-    const int begin = max(it.lo - seen, 0), end = min(total, it.hi - seen);
-    for (int base = begin; base < end; base += DW_LIST) {
-      const int m = min(DW_LIST, end - base);
+    int incl = tw_warp_scan(cnt, lane);
+    __syncthreads();  // previous round's s_wsum reads are done
+    if (lane == 31) s_wsum[warp] = incl;
+    __syncthreads();
+    int off = incl - cnt, total = 0;
+#pragma unroll
+    for (int w = 0; w < DW_WARPS; ++w) {
+      const int s = s_wsum[w];
+      if (w < warp) off += s;
+      total += s;
+    }
+    // this item's part of the round: round positions [first, last)
+    const int first = s_range[0] - seen > 0 ? s_range[0] - seen : 0;
+    const int last = hy_min(total, s_range[1] - seen);
+    seen += total;
+    // ---- the item's tokens of the round, DW_CAP at a time, into s_tok with their ranks in s_rank
+    for (int base = first; base < last; base += DW_CAP) {
+      const int m = hy_min(DW_CAP, last - base);
+      __syncthreads();  // previous list fully consumed
       if (off < base + m && off + cnt > base) {
         int p = off;
 #pragma unroll
-        for (int q = 0; q < DW_WPL; ++q) {
+        for (int q = 0; q < DW_WPT; ++q) {
           tw_u32 wq = words[q];
-          const int wi = hy_walk_word(cw + lane * DW_WPL + q, it.first, WC);
+          const int wi = hy_walk_word(cw + tid * DW_WPT + q, s_range[4], WC);
           while (wq) {
             const int bit = __ffs(wq) - 1;
             wq &= wq - 1u;
-            if (p >= base && p < base + m) list[p - base] = (wi << 5) + bit;
+            if (p >= base && p < base + m) s_tok[p - base] = (wi << 5) + bit;
             ++p;
           }
         }
       }
-      __syncwarp();
-      visit(list, m);
-      __syncwarp();
-    }
-    seen += total;
-  }
-}
-
-template <bool V>
-struct hy_bool {
-  static constexpr bool value = V;
-};
-
-// Calls body(k, rows, even) for k = 0 .. m - 1, rows = the lane's NCK 16-byte slices of token
-// list[k]'s row (src + t * D / 8 + c * 32; only chunks c with c0 + c < NC), loaded one token ahead
-// into two register buffers that swap roles (unrolled by two: no copies between them). `even` is
-// hy_bool<k % 2 == 0>: work done every 32 tokens needs to be in the even copy of the body only.
-template <int NCK, class Body>
-__device__ __forceinline__ void hy_token_rows(const uint4* src, int c0, const int* list, int m, Body&& body) {
-  uint4 b0[NCK], b1[NCK];
-  auto load = [&](uint4 (&b)[NCK], int k) {
-    const uint4* row = src + (size_t)list[k] * (D / 8);
-#pragma unroll
-    for (int c = 0; c < NCK; ++c)
-      if (NC % NCK == 0 || c0 + c < NC) b[c] = __ldg(row + c * 32);
-  };
-  load(b0, 0);
-#pragma unroll 1
-  for (int k = 0; k < m; k += 2) {
-    if (k + 1 < m) load(b1, k + 1);
-    body(k, b0, hy_bool<true>());
-    if (k + 1 == m) break;
-    if (k + 2 < m) load(b0, k + 2);
-    body(k + 1, b1, hy_bool<false>());
-  }
-}
-
-// Sum over the warps of a hy_dwy team of v (each warp's total, the same in all its lanes); the
-// partials alternate between two slots so that one barrier a token suffices.
-__device__ __forceinline__ float4 hy_team_sum(float4 v, float4 (*s_red)[DWY_TEAM], int& parity) {
-  if (DWY_TEAM == 1) return v;
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) == 0) s_red[parity][warp] = v;
-  __syncthreads();
-  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-  for (int w = 0; w < DWY_TEAM; ++w) {
-    const float4 p = s_red[parity][w];
-    s.x += p.x;
-    s.y += p.y;
-    s.z += p.z;
-  }
-  parity ^= 1;
-  return s;
-}
-
-__device__ __forceinline__ void hy_wd8(const float4 (&w2)[2][32], int lane, float w[8]) {
-  const float4 lo = w2[0][lane], hi = w2[1][lane];
-  w[0] = lo.x; w[1] = lo.y; w[2] = lo.z; w[3] = lo.w;
-  w[4] = hi.x; w[5] = hi.y; w[6] = hi.z; w[7] = hi.w;
-}
-
-extern "C" __global__ void __launch_bounds__(DWY_WARPS * 32, 1)  // 1: ptxas's own cap spilled at d_model 256
-hy_dwy(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
-       const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
-       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
-       const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWDT,
-       const int* __restrict__ item_start, const int* __restrict__ order, float* __restrict__ ACC,
-       int* __restrict__ progress, int sweep, int S, int N, int FF, int W, int WD) {
-  __shared__ int s_list[DWY_WARPS][DW_LIST];
-  __shared__ float4 s_red[2][DWY_TEAM];
-  // Wd_j as float32, each lane's own slots: held in registers beside the accumulators and two dy
-  // buffers, ptxas kept it packed and unpacked it again for every token (64 more instructions)
-  __shared__ float4 s_wd[DWY_WARPS][DWY_NC][2][32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int slot = warp / DWY_TEAM;              // the CTA's item this warp works on
-  const int c0 = (warp % DWY_TEAM) * DWY_NC;     // this warp's first chunk of the row
-  const bool leader = warp % DWY_TEAM == 0 && lane == 0;
-  float4(*wd)[2][32] = s_wd[warp];
-  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
-  const float dl1 = __ldg(dl1p);
-  const tw_u64 pol_s = tw_policy_stream();
-  int parity = 0;
-
-#pragma unroll 1
-  for (int i = blockIdx.x * DWY_ITEMS + slot; i < __ldg(item_start + FF); i += gridDim.x * DWY_ITEMS) {
-    hy_item it = hy_item_at(item_start, order, i, progress, sweep, S, WC, FF);
-    if (DWY_TEAM > 1) {  // the team walks from its first warp's phase
-      __shared__ int s_first;
-      if (threadIdx.x == 0) s_first = it.first;
       __syncthreads();
-      it.first = s_first;
+      for (int k = tid; k < m; k += DW_THR) {
+        const int t = s_tok[k];
+        const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
+        s_row[k] = (unsigned)t * (unsigned)(D / 8);
+        s_rank[k] = r;
+        s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
+      }
       __syncthreads();
-    }
-    const int j = it.unit;
-    float acc[DWY_NC][8];
+    // ---- batches of DW_BT tokens through the cp.async pipeline
+    const int nb = (m + DW_BT - 1) / DW_BT;
+    // the address arithmetic of these copies was a fifth of the kernel's instructions: row offsets
+    // come precomputed from s_row, and this thread's slice of row 0 is the base
+    const uint4* x_slice = reinterpret_cast<const uint4*>(X) + tid;
+    const uint4* dy_slice = reinterpret_cast<const uint4*>(DY) + tid;
+    auto issue = [&](int bb) {
+      uint4* dst = s_buf + (bb % DW_NS) * DW_BT * 2 * DW_THR + tid;
 #pragma unroll
-    for (int c = 0; c < DWY_NC; ++c) {
-      float w[8];
-      hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + (c0 + c) * 32 + lane, pol_s), w);
-      wd[c][0][lane] = make_float4(w[0], w[1], w[2], w[3]);
-      wd[c][1][lane] = make_float4(w[4], w[5], w[6], w[7]);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[c][k] = 0.f;
-    }
-    hy_item_tokens(mcol + (size_t)j * WC, WC, it, s_list[warp], [&](const int* list, const int m) {
-      int t_l = 0, rank_l = 0;  // lane l: token 32 * (k / 32) + l's token and rank, and its (a, u)
-      float2 au_l = hy_f2(0.f, 0.f);
-      const uint4* dy_cols = reinterpret_cast<const uint4*>(DY) + c0 * 32 + lane;
-      hy_token_rows<DWY_NC>(dy_cols, c0, list, m, [&](const int k, const uint4 (&dy)[DWY_NC], auto even) {
-        if (even.value && (k & 31) == 0 && k + lane < m) {  // (a, u) from the forward's ELL, or hy_fill_au's
-          t_l = list[k + lane];
-          rank_l = hy_rank(mrow, tprefix, t_l, j, nw, nt);
-          au_l = rank_l < W    ? __ldg(ell + (size_t)t_l * W + rank_l)
-                 : rank_l < WD ? ell_d[(size_t)t_l * WD + rank_l]
-                               : hy_f2(0.f, 0.f);
+      for (int k = 0; k < DW_BT; ++k) {
+        const int idx = bb * DW_BT + k;
+        if (idx < m) {
+          const unsigned row = s_row[idx];
+          hy_cp16(dst + (2 * k + 0) * DW_THR, x_slice + row);
+          hy_cp16(dst + (2 * k + 1) * DW_THR, dy_slice + row);
         }
-        const int t = __shfl_sync(TW_FULL_MASK, t_l, k & 31);
-        const int rank = __shfl_sync(TW_FULL_MASK, rank_l, k & 31);
-        float a = __shfl_sync(TW_FULL_MASK, au_l.x, k & 31);
-        float u = __shfl_sync(TW_FULL_MASK, au_l.y, k & 31);
-        const bool known = rank < WD;
-        float4 p = make_float4(0.f, 0.f, 0.f, 0.f);  // dy.Wd_j, and where (a, u) are not known x.Wg_j, x.Wu_j
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < DW_NS - 1; ++s) {
+      if (s < nb) issue(s);
+      hy_cp_commit();
+    }
+    for (int b = 0; b < nb; ++b) {
+      if (b + DW_NS - 1 < nb) issue(b + DW_NS - 1);
+      hy_cp_commit();
+      hy_cp_wait<DW_NS - 1>();
+      const int stage = b % DW_NS;
+      const int k0 = b * DW_BT;
+      const int kn = hy_min(DW_BT, m - k0);
+      // this thread's x and dy slices of the batch stay in its shared memory slots (the stage is
+      // refilled only in the next iteration): read twice rather than held in registers
+      const uint4* xs = s_buf + (stage * DW_BT * 2 + 0) * DW_THR + tid;  // token k: xs[2 * k * DW_THR]
+      const uint4* ys = s_buf + (stage * DW_BT * 2 + 1) * DW_THR + tid;
+      bool recompute = false;
+#pragma unroll
+      for (int k = 0; k < DW_BT; ++k) recompute |= (k < kn) && s_rank[k0 + k] >= W;
+      // partial dot products over this thread's 8 columns, reduced over the CTA. Where every pair of
+      // the batch has its (a, u) stored, h is known now and dWd takes its axpy here, from the dy just
+      // unpacked; a batch that recomputes takes it after the barrier, with the recomputed h. Each
+      // thread adds its tokens in list order either way.
+      float part[3 * DW_BT];
+#pragma unroll
+      for (int k = 0; k < DW_BT; ++k) {
+        float fy[8];
+        hy_unpack8(k < kn ? ys[2 * k * DW_THR] : hy_zero4(), fy);
+        float pd = 0.f, pg = 0.f, pu = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) pd = fmaf(fy[e], wd[e], pd);
+        if (recompute) {
+          float fx[8], fw[8];
+          hy_unpack8(k < kn ? xs[2 * k * DW_THR] : hy_zero4(), fx);
+          hy_unpack8(wgq, fw);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], fw[e], pg);
+#if HY_GATED
+          hy_unpack8(wuq, fw);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], fw[e], pu);
+#endif
+        } else if (k < kn) {
+          const float2 au_k = s_au[k0 + k];
+#if HY_GATED
+          const float h = au_k.x * au_k.y;
+#else
+          const float h = au_k.x;
+#endif
+#pragma unroll
+          for (int e = 0; e < 8; ++e) ad[e] = fmaf(h, fy[e], ad[e]);
+        }
+        part[3 * k + 0] = pd;
+        part[3 * k + 1] = pg;
+        part[3 * k + 2] = pu;
+      }
+      // lanes 4k .. 4k + 3 end with token k's warp totals (the same sums as a butterfly per value);
+      // the (pg, pu) slots are written only by batches that recompute, the only ones that read them
+      const int k_lane = lane >> 2;
+      const bool writer = (lane & 3) == 0 && k_lane < DW_BT;
+      {
+        float v[DW_BT];
+#pragma unroll
+        for (int k = 0; k < DW_BT; ++k) v[k] = part[3 * k];
+        const float total = hy_warp_sum_by_lane<DW_BT>(v, lane);
+        if (writer) s_part[warp][3 * k_lane] = total;
+      }
+      if (recompute) {
+#pragma unroll
+        for (int c = 1; c < 3; ++c) {
+          float v[DW_BT];
+#pragma unroll
+          for (int k = 0; k < DW_BT; ++k) v[k] = part[3 * k + c];
+          const float total = hy_warp_sum_by_lane<DW_BT>(v, lane);
+          if (writer) s_part[warp][3 * k_lane + c] = total;
+        }
+      }
+      __syncthreads();
+      if (tid < kn) {
+        const int k = tid;
+        float pd = 0.f, pg = 0.f, pu = 0.f;
+#pragma unroll
+        for (int w = 0; w < DW_WARPS; ++w) {
+          pd += s_part[w][3 * k + 0];
+          pg += s_part[w][3 * k + 1];
+          pu += s_part[w][3 * k + 2];
+        }
+        const int t = s_tok[k0 + k];
+        const int rank = s_rank[k0 + k];
+        float a, u;
+        if (rank < W) {
+          const float2 e = s_au[k0 + k];
+          a = e.x;
+          u = e.y;
+        } else {
+          a = fmaxf(pg, 0.f);
+          u = pu;
+        }
 #if HY_GATED
         const float h = a * u;
+        const float dh = pd + __ldg(dl1p) * hy_sign(h);
+        const float du = dh * a;
+        const float dg = (a > 0.f) ? dh * u : 0.f;
 #else
+        (void)u;
         const float h = a;
+        const float dh = pd + __ldg(dl1p) * hy_sign(h);
+        const float du = 0.f;
+        const float dg = (a > 0.f) ? dh : 0.f;
 #endif
-        if (known) {  // dWd's axpy beside the dot, from the dy just unpacked
+        s_coef[k][0] = dg;
+        s_coef[k][1] = du;
+        s_coef[k][2] = h;
+        if (rank < WD) ell_d[(size_t)t * WD + rank] = hy_f2(dg, du);
+      }
+      if (tid == 0 && sweep > 0 && s_range[2] == 1) atomicAdd(progress, kn);  // the sweep counts one-item walks
+      __syncthreads();
 #pragma unroll
-          for (int c = 0; c < DWY_NC; ++c) {
-            float fy[8], w[8];
-            hy_unpack8(dy[c], fy);
-            hy_wd8(wd[c], lane, w);
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              s = fmaf(fy[e], w[e], s);
-              acc[c][e] = fmaf(h, fy[e], acc[c][e]);
-            }
-            p.x += s;
-          }
-        } else {
-#pragma unroll
-          for (int c = 0; c < DWY_NC; ++c) {
-            float fy[8], w[8];
-            hy_unpack8(dy[c], fy);
-            hy_wd8(wd[c], lane, w);
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) s = fmaf(fy[e], w[e], s);
-            p.x += s;
-          }
+      for (int k = 0; k < DW_BT; ++k) {
+        if (k < kn) {
+          const uint4 xq = xs[2 * k * DW_THR];
+          hy_axpy8(ag, s_coef[k][0], xq);
+#if HY_GATED
+          hy_axpy8(au, s_coef[k][1], xq);
+#endif
+          if (recompute) hy_axpy8(ad, s_coef[k][2], ys[2 * k * DW_THR]);
         }
-        if (!known) {  // past both ELLs (a row of over WD units): recompute a, u; rolled, being rare
-          const uint4* xr = reinterpret_cast<const uint4*>(X + (size_t)t * D) + c0 * 32 + lane;
-          const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D) + c0 * 32 + lane;
-#if HY_GATED
-          const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D) + c0 * 32 + lane;
-#endif
-#pragma unroll 1
-          for (int c = 0; c < DWY_NC; ++c) {
-            const uint4 xq = __ldg(xr + c * 32);
-            p.y += hy_dot8(xq, __ldg(wgr + c * 32));
-#if HY_GATED
-            p.z += hy_dot8(xq, __ldg(wur + c * 32));
-#endif
-          }
-          p.y = hy_warp_sum(p.y);
-          p.z = hy_warp_sum(p.z);
-        }
-        p.x = hy_warp_sum(p.x);
-        p = hy_team_sum(p, s_red, parity);
-        if (!known) {
-          a = fmaxf(p.y, 0.f);
-#if HY_GATED
-          u = p.z;
-          const float hr = a * u;
-#else
-          const float hr = a;
-#endif
-#pragma unroll
-          for (int c = 0; c < DWY_NC; ++c) hy_axpy8(acc[c], hr, dy[c]);
-        }
-#if HY_GATED
-        const float dh = p.x + dl1 * hy_sign(a * u);
-        const float2 grads = hy_f2((a > 0.f) ? dh * u : 0.f, dh * a);
-#else
-        const float dh = p.x + dl1 * hy_sign(a);
-        const float2 grads = hy_f2((a > 0.f) ? dh : 0.f, 0.f);
-#endif
-        if (leader && known) ell_d[(size_t)t * WD + rank] = grads;  // the slot's (a, u) were read above
-      });
-      if (leader && sweep > 0 && it.n_items == 1) atomicAdd(progress, m);  // the sweep counts one-item walks
-    });
-    if (it.n_items > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
-      float* rows = ACC + (size_t)j * 3 * D + 2 * D;
-#pragma unroll
-      for (int c = 0; c < DWY_NC; ++c)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) atomicAdd(rows + ((c0 + c) * 32 + lane) * 8 + k, acc[c][k]);
-    } else {
-#pragma unroll
-      for (int c = 0; c < DWY_NC; ++c)
-        tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + (c0 + c) * 32 + lane, hy_pack8(acc[c]), pol_s);
+      }
+    }
     }
   }
-}
-
-// hy_dwx: work w = slice * items + item (all items' first slice, then their second, ...: the warps
-// running together read the same columns of x).
-// 3 CTAs an SM on Hopper (168 registers): left alone, ptxas aimed at 4 for the non-gated variant
-// and spilled; sm_80's code needs a few more
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define HY_DWX_MINB 2
-#else
-#define HY_DWX_MINB 3
-#endif
-extern "C" __global__ void __launch_bounds__(DWX_WARPS * 32, HY_DWX_MINB)
-hy_dwx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
-       const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
-       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell_d,
-       const float* __restrict__ dl1p, tw_u16* __restrict__ DWG, tw_u16* __restrict__ DWU,
-       const int* __restrict__ item_start, const int* __restrict__ order, float* __restrict__ ACC,
-       int* __restrict__ progress, int sweep, int S, int N, int FF, int WD) {
-  __shared__ int s_list[DWX_WARPS][DW_LIST];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
-  const float dl1 = __ldg(dl1p);
-  const tw_u64 pol_s = tw_policy_stream();
-  const int items = __ldg(item_start + FF);
-
-#pragma unroll 1
-  for (int w = blockIdx.x * DWX_WARPS + warp; w < items * DWX_SLICES; w += gridDim.x * DWX_WARPS) {
-    const int slice = w / items;
-    const hy_item it = hy_item_at(item_start, order, w - slice * items, progress, sweep, S, WC, FF);
-    const int j = it.unit;
-    const int c0 = slice * DWX_NC;
-    float ag[DWX_NC][8];
+  hy_cp_wait<0>();
+  if (s_range[2] > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
+    float* acc = ACC + (size_t)j * 3 * D + tid * 8;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      atomicAdd(acc + k, ag[k]);
+      atomicAdd(acc + 2 * D + k, ad[k]);
 #if HY_GATED
-    float au[DWX_NC][8];
+      atomicAdd(acc + D + k, au[k]);
 #endif
-#pragma unroll
-    for (int c = 0; c < DWX_NC; ++c)
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        ag[c][k] = 0.f;
-#if HY_GATED
-        au[c][k] = 0.f;
-#endif
-      }
-    hy_item_tokens(mcol + (size_t)j * WC, WC, it, s_list[warp], [&](const int* list, const int m) {
-      int t_l = 0;  // lane l: token 32 * (k / 32) + l, and its (dg, du)
-      float2 g_l = hy_f2(0.f, 0.f);
-      const uint4* x_cols = reinterpret_cast<const uint4*>(X) + c0 * 32 + lane;
-      hy_token_rows<DWX_NC>(x_cols, c0, list, m, [&](const int k, const uint4 (&x)[DWX_NC], auto even) {
-        if (even.value && (k & 31) == 0) {
-          bool past = false;  // past the ELL (a row of over WD units): recomputed by the whole warp
-          if (k + lane < m) {
-            t_l = list[k + lane];
-            const int rank = hy_rank(mrow, tprefix, t_l, j, nw, nt);
-            past = rank >= WD;
-            g_l = past ? hy_f2(0.f, 0.f) : __ldg(ell_d + (size_t)t_l * WD + rank);
-          }
-          for (unsigned todo = __ballot_sync(TW_FULL_MASK, past); todo; todo &= todo - 1u) {
-            const int src = __ffs(todo) - 1;
-            const float2 g = hy_pair_grads(X, DY, WG, WU, WDT, __shfl_sync(TW_FULL_MASK, t_l, src), j, dl1);
-            if (lane == src) g_l = g;
-          }
-        }
-        const float2 g = hy_f2(__shfl_sync(TW_FULL_MASK, g_l.x, k & 31), __shfl_sync(TW_FULL_MASK, g_l.y, k & 31));
-#pragma unroll
-        for (int c = 0; c < DWX_NC; ++c) {
-          if (NC % DWX_NC == 0 || c0 + c < NC) {
-            float fx[8];
-            hy_unpack8(x[c], fx);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              ag[c][e] = fmaf(g.x, fx[e], ag[c][e]);
-#if HY_GATED
-              au[c][e] = fmaf(g.y, fx[e], au[c][e]);
-#endif
-            }
-          }
-        }
-      });
-      if (lane == 0 && sweep > 0 && it.n_items == 1) atomicAdd(progress, m);
-    });
-#pragma unroll
-    for (int c = 0; c < DWX_NC; ++c) {
-      if (NC % DWX_NC != 0 && c0 + c >= NC) continue;
-      const int col = ((c0 + c) * 32 + lane) * 8;
-      if (it.n_items > 1) {
-        float* rows = ACC + (size_t)j * 3 * D + col;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          atomicAdd(rows + k, ag[c][k]);
-#if HY_GATED
-          atomicAdd(rows + D + k, au[c][k]);
-#endif
-        }
-      } else {
-        tw_st16(DWG + (size_t)j * D + col, hy_pack8(ag[c]), pol_s);
-#if HY_GATED
-        tw_st16(DWU + (size_t)j * D + col, hy_pack8(au[c]), pol_s);
-#endif
-      }
     }
+  } else {
+    tw_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), tw_policy_stream());
+#if HY_GATED
+    tw_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), tw_policy_stream());
+#endif
+    tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), tw_policy_stream());
+  }
+  __syncthreads();  // shared lists and partials are reused by the next item
   }
 }
 
 // hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
-// (FF + 1 entries), where unit j has max(1, floor(neuron_counts[j] / part)) items; then the sweep's
-// inputs: the active pairs of the one-item units (item_start[FF + 1]), hy_dwy's and hy_dwx's progress
-// counters, zeroed (item_start[FF + 2], item_start[FF + 4]), and the number of one-item units
-// (item_start[FF + 3]). order[i] = unit << 16 | part (as unsigned bits) of the i-th item taken:
-// first the split units' items, by where their part lies in the unit's token list (hy_part_bucket),
-// so that the items running together read x and dy rows of nearby tokens; then the one-item units in
-// index order (which the token sweep keeps together). With by_place = 0 every unit's items follow in
-// index order instead (for A/B runs). `rank` (FF entries) is scratch.
+// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
+// inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
+// (item_start[FF + 2]), and the number of one-item units (item_start[FF + 3]). order[i] = unit << 16
+// | part (as unsigned bits) of the i-th item hy_dw takes: first the split units' items, by where
+// their part lies in the unit's token list (hy_part_bucket), so that the items running together
+// read x and dy rows of nearby tokens; then the one-item units in index order (which the token sweep
+// keeps together). With by_place = 0 every unit's items follow in index order instead (for A/B
+// runs). `rank` (FF entries) is scratch.
 constexpr int DW_BUCKETS = 64;
-// A unit on count tokens: items of `part` tokens, the last taking the rest (part to 2 * part - 1 tokens).
-__device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, count / part); }
+__device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
 // Bucket of part k of a unit's n_items parts: where the middle of the part lies in the unit's list.
 __device__ __forceinline__ int hy_part_bucket(int k, int n_items) { return (2 * k + 1) * DW_BUCKETS / (2 * n_items); }
 
@@ -1098,7 +980,6 @@ hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, in
     item_start[FF + 1] = s_pairs;
     item_start[FF + 2] = 0;
     item_start[FF + 3] = singles;
-    item_start[FF + 4] = 0;
   }
 }
 

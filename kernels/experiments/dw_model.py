@@ -1,5 +1,5 @@
-"""The weight-gradient kernels (hy_dw up to v16; hy_fill_au + hy_dwy + hy_dwx since v17: "dW" below) on a
-whole model's activations: bench_model's calibrated model (default 2b: d 2048, d_ff 5632,
+"""The weight-gradient kernels ("dW" below: hy_dw, or hy_fill_au + hy_dwy + hy_dwx in the two-pass
+experiment of NOTES_hybrid v17, commit 70f8700) on a whole model's activations: bench_model's calibrated model (default 2b: d 2048, d_ff 5632,
 16384 tokens a micro-batch) on its calibration micro-batch. Per FFN layer, the layer's own input and
 weights go through one hybrid fwd+bwd (random dy): the per-unit token counts (mean, max, units split
 over several items: >= DW_SPLIT_TOKENS) beside hy_forward / hy_dw / hy_dx device times, and hy_dw's time
@@ -7,7 +7,8 @@ at the uniform benchmark's rate per pair; and the row lengths (active units per 
 enough to be split over warps in hy_forward / hy_dx). Where hy_dw runs far over that rate, its inputs (heavy units,
 token order) and not its per-pair cost are what the model pays for.
 
-    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] [DW_MODEL_PART_ORDER_AB=1] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
+    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] [DW_MODEL_PART_ORDER_AB=1] [DW_MODEL_SWEEP_AB=1]
+    [DW_MODEL_PARTS=1] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
 """
 import os
 import sys

@@ -1,5 +1,5 @@
-"""Per-kernel device time (hy_forward, the weight-gradient kernels (hy_dw up to v16, hy_dwy + hy_dwx
-since v17), hy_dx) and the whole hybrid fwd+bwd back to back for the
+"""Per-kernel device time (hy_forward, the weight-gradient kernels (hy_dw, or hy_dwy + hy_dwx in the
+two-pass experiment of NOTES_hybrid v17, commit 70f8700), hy_dx) and the whole hybrid fwd+bwd back to back for the
 training bench's 99.5%, 99% and heavy-tail cases (16384 tokens, 2048 x 5632, bf16), each line tagged.
 For A/B runs of two trees on one machine (NOTES_hybrid v14, `results/hybrid_dw_pair_vs_diet_h100.log`):
 
