@@ -175,7 +175,9 @@ def backward(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell):
     else:
         h = a
     dh = torch.where(active, dy32 @ w_down.to(acc), 0) + dl1.to(acc) * torch.sign(h)
-    pos = a > 0
+    # ReLU's derivative is the format's pattern (the gate GEMM's sign in x's dtype), also where a
+    # recomputed float32 pre-activation rounds to <= 0: as bf16 autograd differentiates its own gate
+    pos = active
     dw_down = (dy32.t() @ h).to(w_down.dtype)
     if gated:
         du = dh * a

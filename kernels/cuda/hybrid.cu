@@ -2,7 +2,8 @@
 // backward over the active (token, unit) pairs only. See kernels/README_hybrid.md for the format.
 //
 //   g = X Wg^T (cuBLAS, outside), a = ReLU(g), u = x.Wu_j at active pairs, h = a*u, y = H Wd^T
-//   dh = dy.Wd_j + dl1*sign(h), du = dh*a, dg = dh*u*(g>0), dX = dg Wg + du Wu,
+//   dh = dy.Wd_j + dl1*sign(h), du = dh*a, dg = dh*u (ReLU's derivative: the gate GEMM's sign, i.e.
+//   the bitmask, for every active pair), dX = dg Wg + du Wu,
 //   dWg = dg^T X, dWu = du^T X, dWd = dy^T H.
 // Non-gated (HY_GATED 0): h = ReLU(x Wu^T); the "gate-role" weight WG is then Wu.
 //
@@ -526,10 +527,10 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
       const float h = a * pu;
       const float dh = pd + dl1 * hy_sign(h);
       du = dh * a;
-      dg = (a > 0.f) ? dh * pu : 0.f;
+      dg = dh * pu;  // the pair is active by the gate GEMM's sign (the bitmask), whatever pg's
 #else
       const float dh = pd + dl1 * hy_sign(a);
-      dg = (a > 0.f) ? dh : 0.f;
+      dg = dh;
       du = 0.f;
       (void)du;
 #endif
@@ -866,13 +867,15 @@ hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
         const float h = a * u;
         const float dh = pd + __ldg(dl1p) * hy_sign(h);
         const float du = dh * a;
-        const float dg = (a > 0.f) ? dh * u : 0.f;
+        // ReLU's derivative is the bitmask's (the bf16 gate GEMM's sign), also for a recomputed pair
+        // whose float32 pre-activation rounds the other way (a = 0): as in bf16 autograd
+        const float dg = dh * u;
 #else
         (void)u;
         const float h = a;
         const float dh = pd + __ldg(dl1p) * hy_sign(h);
         const float du = 0.f;
-        const float dg = (a > 0.f) ? dh : 0.f;
+        const float dg = dh;
 #endif
         s_coef[k][0] = dg;
         s_coef[k][1] = du;
