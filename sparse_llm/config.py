@@ -286,5 +286,15 @@ def grad_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     _require(cfg.tokens_per_step > 0 and cfg.tokens_per_step % tokens_per_micro_step == 0,
              f"tokens_per_step={cfg.tokens_per_step} must be a positive multiple of micro_batch_size x "
              f"model.seq_len x world size = {cfg.micro_batch_size} x {cfg.model.seq_len} x {world_size} "
-             f"= {tokens_per_micro_step}")
+             f"= {tokens_per_micro_step}; {_batch_fix(cfg, world_size)}")
     return cfg.tokens_per_step // tokens_per_micro_step
+
+
+def _batch_fix(cfg: TrainConfig, world_size: int) -> str:
+    """The overrides that would make tokens_per_step fit this world size."""
+    per_rank_sequence = cfg.model.seq_len * world_size
+    step = max(cfg.tokens_per_step, 1)
+    fits = [m for m in range(cfg.micro_batch_size, 0, -1) if step % (m * per_rank_sequence) == 0]
+    rounded = -(-step // (cfg.micro_batch_size * per_rank_sequence)) * cfg.micro_batch_size * per_rank_sequence
+    fix = f"set tokens_per_step={rounded}"
+    return fix + (f" or micro_batch_size={fits[0]}" if fits else "")

@@ -72,3 +72,10 @@ def test_grad_accumulation_from_tokens_per_step():
     assert grad_accumulation_steps(cfg, world_size=4) == 4
     with pytest.raises(ConfigError, match="world size"):
         grad_accumulation_steps(cfg, world_size=3)
+    # the error names the overrides that fit: 4096 tokens on 2 ranks of 16 x 256 sequences
+    cfg = compose_config(["tokens_per_step=4096", "micro_batch_size=16"])
+    with pytest.raises(ConfigError, match="set tokens_per_step=8192 or micro_batch_size=8"):
+        grad_accumulation_steps(cfg, world_size=2)
+    cfg = compose_config(["tokens_per_step=768", "micro_batch_size=2"])  # 3 sequences: no micro-batch fits 2 ranks
+    with pytest.raises(ConfigError, match=r"set tokens_per_step=1024$"):
+        grad_accumulation_steps(cfg, world_size=2)
