@@ -2,6 +2,7 @@
 (`data=synthetic`). Deterministic in (seed, cursor) and resumable like the real loader."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,10 @@ class SyntheticLoader:
         self.cursor = 0
 
     def _batch(self, index: int) -> Batch:
-        generator = torch.Generator().manual_seed(hash((self.seed, self.split, index, self.dp_rank)) % 2**63)
+        # a digest, not hash(): Python salts str hashes per process, which gave every process (a resumed
+        # run, each bench_model run) other tokens for the same (seed, split, index, rank)
+        key = repr((self.seed, self.split, index, self.dp_rank)).encode()
+        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
         tokens = torch.randint(0, self.vocab_size, (self.micro_batch_size, self.seq_len + 1), generator=generator)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
