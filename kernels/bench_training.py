@@ -129,8 +129,8 @@ def run_case(name, s, args, compiled, flush, c_l1):
                 overflow_pairs=over, kb_per_pair=per_pair / 1024, gather_tb_s=rate)
 
 
-def _kernel_ms(step, kernel: str, warmup: int = 3, repeats: int = 5) -> float:
-    """Mean device time (ms) per call of `step` spent in the CUDA kernel named `kernel`."""
+def _kernel_times(step, warmup: int = 3, repeats: int = 5) -> dict[str, float]:
+    """Mean device time (ms) per call of `step` of every CUDA kernel it runs, by name (one profile)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -138,8 +138,13 @@ def _kernel_ms(step, kernel: str, warmup: int = 3, repeats: int = 5) -> float:
         for _ in range(repeats):
             step()
         torch.cuda.synchronize()
-    total = sum((getattr(e, "device_time_total", 0) or 0) for e in prof.key_averages() if e.key == kernel)
-    return total / repeats / 1000
+    times = {e.key: (getattr(e, "device_time_total", 0) or 0) / repeats / 1000 for e in prof.key_averages()}
+    return {name: ms for name, ms in times.items() if ms > 0}
+
+
+def _kernel_ms(step, kernel: str, warmup: int = 3, repeats: int = 5) -> float:
+    """Mean device time (ms) per call of `step` spent in the CUDA kernel named `kernel`."""
+    return _kernel_times(step, warmup, repeats).get(kernel, 0.0)
 
 
 def profile_case(s, args, name):

@@ -6,23 +6,13 @@ on PYTHONPATH, so one copy of this script times two trees:
 """
 import sys
 
-import torch
-
+from sparse_llm.kernels.bench_training import _kernel_times
 from sparse_llm.kernels.synthetic import hybrid_training_step, make_experiment_case
 
 tag = sys.argv[1] if len(sys.argv) > 1 else "this tree"
 for level in (29.0, 58.0, -29.0):
     syn, label = make_experiment_case(16384, 2048, 5632, level)
-    step = hybrid_training_step(syn)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    rows = [(e.device_time_total / 5 / 1000, e.key) for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(reverse=True)
+    rows = sorted(((ms, k) for k, ms in _kernel_times(hybrid_training_step(syn)).items()), reverse=True)
     total = sum(ms for ms, _ in rows)
     print(f"{tag} {label}: kernels {total:.3f} ms | " + ", ".join(f"{k[:28]} {ms:.3f}" for ms, k in rows[:14]),
           flush=True)
