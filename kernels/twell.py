@@ -517,6 +517,13 @@ def num_passes(d_model: int, d_ff: int, gated: bool, device: torch.device, confi
     return max(1, math.ceil(weight_bytes / (cfg.pass_l2_factor * l2)))
 
 
+def pass_tile_ranges(nt: int, passes: int) -> list[tuple[int, int]]:
+    """The fused stage's neuron passes as [first, last) column-tile ranges: `passes` (at most nt) of
+    equal size, the last one shorter."""
+    per_pass = -(-nt // max(1, min(passes, nt)))
+    return [(first, min(nt, first + per_pass)) for first in range(0, nt, per_pass)]
+
+
 def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor,
                      w_up: Optional[torch.Tensor], w_down_t: torch.Tensor, tile: int = DEFAULT_TILE,
                      out: Optional[torch.Tensor] = None, config: Optional[FusedConfig] = None,
@@ -550,23 +557,22 @@ def twell_ffn_packed(x2d: torch.Tensor, gate: torch.Tensor, counts: torch.Tensor
     resident = _resident_blocks(kernel, block, defines["TW_MINB"])
     grid = (max(1, min(-(-n // tokens_per_block), int(sms * resident * cfg.grid_fill))),)
     nt = num_tiles(d_ff, tile)
-    passes = min(num_passes(d_model, d_ff, w_up is not None and not hslots, x2d.device, cfg), nt)
-    per_pass = -(-nt // passes)
-    passes = -(-nt // per_pass)
+    ranges = pass_tile_ranges(nt, num_passes(d_model, d_ff, w_up is not None and not hslots, x2d.device, cfg))
+    passes = len(ranges)
     work = torch.zeros(passes, dtype=torch.int32, device=x2d.device)
     float_partials = passes > 1 and not cfg.pass_partial16
     y_acc = torch.empty(n, d_model, dtype=torch.float32, device=x2d.device) if float_partials else None
     rows = min(cfg.split_rows, n) if split is not None and order is not None and not cfg.scan else 0
     part_y = torch.empty(rows, cfg.row_parts, d_model, dtype=torch.float32, device=x2d.device) if rows else None
     finish = get_kernel("twell_ffn.cu", "twell_rows_finish", x2d.device, **defines) if rows else None
-    for p in range(passes):
+    for p, (first, last) in enumerate(ranges):
         if float_partials:
             flags = (1 if p > 0 else 0) | (2 if p < passes - 1 else 0)
         else:
             flags = 4 if p > 0 else 0
         args = (ptr(x2d), ptr(gate), ptr(counts), ptr(packed), ptr(w_up), ptr(w_down_t), ptr(y), ptr(y_acc),
                 np.uint64(work.data_ptr() + 4 * p), ptr(order), ptr(split), ptr(part_y), np.int32(rows),
-                np.int32(n), np.int32(d_ff), np.int32(p * per_pass), np.int32(min(nt, (p + 1) * per_pass)),
+                np.int32(n), np.int32(d_ff), np.int32(first), np.int32(last),
                 np.int32(flags))
         launch(kernel, grid, (block,), args)
         if rows:
@@ -679,7 +685,8 @@ def bytes_per_active_pair(d_model: int, gated: bool = True, itemsize: int = 2) -
 __all__ = [
     "FusedConfig", "DEFAULT_CONFIG", "set_default_config", "current_config", "twell_ffn", "twell_ffn_op",
     "twell_pack", "twell_ffn_packed", "fused_defines", "pack_defines", "twell_is_faster", "crossover_active_fraction", "MEASURED_CROSSOVER",
-    "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes", "twell_gate_pack", "gate_kernel_supported",
+    "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes",
+    "pass_tile_ranges", "twell_gate_pack", "gate_kernel_supported",
     "gate_defines", "tensor_map", "twell_up_blocked", "up_blocked_supported", "up_defines", "up_shared_bytes",
     "twell_sparse_stage",
 ]

@@ -239,10 +239,9 @@ def test_passes_from_16bit_partials_match_float32_partials(dtype):
     for y in outputs.values():
         assert rel(y, ref) < 1e-2, f"seed {seed}"
     h = ffn_hidden(syn.x.float(), syn.w_gate.float(), syn.w_up.float())
-    d_ff = h.shape[1]
-    per_pass = -(-tr.num_tiles(d_ff, tr.DEFAULT_TILE) // passes) * tr.DEFAULT_TILE  # units a pass (twell.py)
-    partials = sum(((h[:, :end] @ syn.w_down.float()[:, :end].t()).abs()
-                    for end in range(per_pass, d_ff, per_pass)), torch.zeros_like(ref))
+    ranges = twell.pass_tile_ranges(tr.num_tiles(h.shape[1], tr.DEFAULT_TILE), passes)
+    ends = [last * tr.DEFAULT_TILE for _, last in ranges[:-1]]  # the rounded running partials' units
+    partials = sum(((h[:, :end] @ syn.w_down.float()[:, :end].t()).abs() for end in ends), torch.zeros_like(ref))
     eps = torch.finfo(dtype).eps
     diff = (outputs[1].float() - outputs[0].float()).abs()
     bound = eps * (0.5 * 1.5 * partials + ref.abs() + 2 * torch.finfo(dtype).tiny)  # tiny * eps: a subnormal ulp

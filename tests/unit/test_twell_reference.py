@@ -177,3 +177,13 @@ def test_long_row_split_config_errors_name_the_field():
         with pytest.raises(ValueError, match="FusedConfig.row_parts .* split_rows .* split_units"):
             twell.twell_ffn_packed(x, gate, counts, packed, w, w, config=bad)
     assert twell.fused_defines(2048, 256, 32, True, torch.bfloat16, twell.FusedConfig(row_parts=3))["TW_PARTS"] == 3
+
+
+@pytest.mark.parametrize("nt,passes", [(44, 3), (44, 1), (44, 50), (1, 3), (10, 4), (9, 4), (22, 2)])
+def test_pass_tile_ranges_cover_the_tiles_in_equal_passes(nt, passes):
+    # the fused stage's passes (and the GPU test's bound on their rounded partials) take these ranges
+    ranges = twell.pass_tile_ranges(nt, passes)
+    assert ranges[0][0] == 0 and ranges[-1][1] == nt and len(ranges) <= min(passes, nt)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [last - first for first, last in ranges]
+    assert all(s == sizes[0] for s in sizes[:-1]) and 0 < sizes[-1] <= sizes[0]
