@@ -294,7 +294,6 @@ def _batch_fix(cfg: TrainConfig, world_size: int) -> str:
     """The overrides that would make tokens_per_step fit this world size."""
     per_rank_sequence = cfg.model.seq_len * world_size
     step = max(cfg.tokens_per_step, 1)
-    fits = [m for m in range(cfg.micro_batch_size, 0, -1) if step % (m * per_rank_sequence) == 0]
+    fit = next((m for m in range(cfg.micro_batch_size, 0, -1) if step % (m * per_rank_sequence) == 0), None)
     rounded = -(-step // (cfg.micro_batch_size * per_rank_sequence)) * cfg.micro_batch_size * per_rank_sequence
-    fix = f"set tokens_per_step={rounded}"
-    return fix + (f" or micro_batch_size={fits[0]}" if fits else "")
+    return f"set tokens_per_step={rounded}" + (f" or micro_batch_size={fit}" if fit else "")

@@ -22,7 +22,8 @@ class SyntheticLoader:
         # a digest, not hash(): Python salts str hashes per process, which gave every process (a resumed
         # run, each bench_model run) other tokens for the same (seed, split, index, rank)
         key = repr((self.seed, self.split, index, self.dp_rank)).encode()
-        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        generator = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, self.vocab_size, (self.micro_batch_size, self.seq_len + 1), generator=generator)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
