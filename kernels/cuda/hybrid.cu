@@ -56,11 +56,26 @@ constexpr int DW_WARPS = DW_THR / 32;
 #endif
 constexpr int DW_BT = HY_DW_BT;     // hy_dw: tokens per batch (two barriers a batch)
 constexpr int DW_NS = HY_DW_NS;     // hy_dw: cp.async stages
-constexpr int DW_MINB = DW_THR < 512 ? 2 : 1;  // hy_dw: resident CTAs per SM asked of ptxas (d_model 4096: shared memory holds one)
 constexpr int DW_WPT = 4;           // hy_dw: column-bitmask words per thread per scan round
 constexpr int DW_CAP = 512;         // hy_dw: tokens listed in shared memory at a time
 
 static_assert(D % 256 == 0 && D >= 256 && D <= 8192, "HY_D must be a multiple of 256 in [256, 8192]");
+
+// hy_dw: resident CTAs per SM asked of ptxas. Two where two CTAs' shared memory fits the SM (d_model
+// 2048 on Hopper), else one: asking for two where shared memory holds one only capped the registers
+// (spills from d_model 2304 up) and bought no occupancy.
+// (An underestimate only costs occupancy where registers would have allowed two CTAs.)
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900 || __CUDA_ARCH__ == 1000 || __CUDA_ARCH__ == 1030)
+constexpr int SM_SHARED_BYTES = 228 * 1024;
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
+constexpr int SM_SHARED_BYTES = 164 * 1024;
+#else
+constexpr int SM_SHARED_BYTES = 100 * 1024;  // sm_86, sm_89, sm_120 and others
+#endif
+constexpr int DW_CTA_SHARED = DW_NS * DW_BT * 2 * DW_THR * 16  // the cp.async stages (dynamic)
+                              + DW_CAP * 20 + DW_WARPS * (3 * DW_BT + 1) * 4 + DW_BT * 12 + 20  // hy_dw's static arrays
+                              + 1024;  // reserved by the system per CTA
+constexpr int DW_MINB = 2 * DW_CTA_SHARED <= SM_SHARED_BYTES ? 2 : 1;
 
 // ---------------------------------------------------------------------------------------------
 // element conversions (16-bit patterns)
@@ -361,6 +376,13 @@ __device__ __forceinline__ void hy_row_pairs(const tw_u32* __restrict__ mr, int 
   }
 }
 
+// Past d_model 2560 (gated) the row of x, the accumulators and both weight rows of a pair do not fit
+// 255 registers together (64 bytes of spills at 3072, 388 at 4096): the row of x then lives in
+// shared memory and is read back per pair (4 bytes of spills left at 4096). Against the spilling
+// kernel: hy_forward -2% at 2816 and 3072, -36% at 3328, -22% at 4096; loading Wd's row after the
+// dot product instead cost +11% at 3072 (NOTES_hybrid.md v18).
+constexpr bool FWD_X_IN_SHARED = HY_GATED && NC > 10;
+
 extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32, HY_FWD_MINB)
 hy_forward(const tw_u16* __restrict__ X, const tw_u16* __restrict__ G, const tw_u16* __restrict__ WU,
            const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow, tw_u16* __restrict__ Y,
@@ -381,11 +403,17 @@ hy_forward(const tw_u16* __restrict__ X, const tw_u16* __restrict__ G, const tw_
   const tw_u64 pol_w = tw_policy_keep(), pol_s = tw_policy_stream();
 
 #if HY_GATED
-  uint4 xr[NC];
+  __shared__ uint4 s_x[FWD_X_IN_SHARED ? FWD_WARPS * D / 8 : 1];
+  uint4* xs = s_x + (FWD_X_IN_SHARED ? warp * D / 8 : 0);  // each lane reads back only its own chunks
+  uint4 xr[FWD_X_IN_SHARED ? 1 : NC];
   {
     const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
 #pragma unroll
-    for (int c = 0; c < NC; ++c) xr[c] = tw_ld16(xrow + c * 32 + lane, pol_s);
+    for (int c = 0; c < NC; ++c) {
+      const uint4 v = tw_ld16(xrow + c * 32 + lane, pol_s);
+      if constexpr (FWD_X_IN_SHARED) xs[c * 32 + lane] = v;
+      else xr[c] = v;
+    }
   }
 #endif
   float acc[NC][8];
@@ -417,7 +445,10 @@ hy_forward(const tw_u16* __restrict__ X, const tw_u16* __restrict__ G, const tw_
     for (int c = 0; c < NC; ++c) wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
     float p = 0.f;
 #pragma unroll
-    for (int c = 0; c < NC; ++c) p += hy_dot8(xr[c], wu[c]);
+    for (int c = 0; c < NC; ++c) {
+      if constexpr (FWD_X_IN_SHARED) p += hy_dot8(xs[c * 32 + lane], wu[c]);
+      else p += hy_dot8(xr[c], wu[c]);
+    }
     const float u = hy_warp_sum(p);
     const float h = a * u;
 #else

@@ -134,6 +134,13 @@ def test_dense_unit_many_tokens():
     check_case(*make_inputs(5000, 256, 512, torch.bfloat16, mean_active=6, dense_unit=True), width=32)
 
 
+@pytest.mark.parametrize("d", [2304, 3072, 3584, 4096])
+def test_wide_d_model(d):
+    # past d_model 2048: hy_dw with one CTA an SM asked of ptxas, hy_forward's Wd row after the dot
+    # product (from 2816) and its x row in shared memory (from 3584); rows past the ELL and a dense row
+    check_case(*make_inputs(600, d, 1024, torch.bfloat16, mean_active=12, adversarial=True), width=16)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_non_gated(dtype):
     check_case(*make_inputs(500, 256, 768, dtype, gated=False, mean_active=10, adversarial=True), width=8)
