@@ -68,8 +68,17 @@ def backward_ell_width(width: int, d_ff: int) -> int:
     return max(width, min(BACKWARD_ELL_WIDTH, d_ff))
 
 
+def shape_problem(d_model: int, d_ff: int) -> Optional[str]:
+    """Why the CUDA kernels cannot take this FFN shape (the PyTorch reference then runs), or None."""
+    if d_model % 256 or not 256 <= d_model <= 4096:
+        return f"d_model must be a multiple of 256 in [256, 4096], got {d_model}"
+    if d_ff % 32 or not 0 < d_ff <= 65504:
+        return f"d_ff must be a multiple of 32 in [32, 65504], got {d_ff}"
+    return None
+
+
 def shape_supported(d_model: int, d_ff: int) -> bool:
-    return d_model % 256 == 0 and 256 <= d_model <= 4096 and d_ff % 32 == 0 and 0 < d_ff <= 65504
+    return shape_problem(d_model, d_ff) is None
 
 
 def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor) -> bool:

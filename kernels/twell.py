@@ -153,6 +153,15 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
+def shape_problem(d_model: int, d_ff: int) -> Optional[str]:
+    """Why the TwELL kernels cannot take this FFN shape, or None."""
+    if d_model % 64 or d_ff % 64:
+        return f"d_model and d_ff must be multiples of 64, got {d_model} and {d_ff}"
+    if d_ff > MAX_D_FF:
+        return f"d_ff must be at most {MAX_D_FF}, got {d_ff}"
+    return None
+
+
 def _check_shapes(x_last: int, w_gate, w_up, w_down_t, tile: int, slots: int) -> tuple[int, int]:
     d_ff, d_model = w_up.shape
     if x_last != d_model:
@@ -162,10 +171,9 @@ def _check_shapes(x_last: int, w_gate, w_up, w_down_t, tile: int, slots: int) ->
     if tuple(w_down_t.shape) != (d_ff, d_model):
         raise ValueError(f"w_down_t must be [d_ff, d_model] = [{d_ff}, {d_model}], got {tuple(w_down_t.shape)}"
                          " (pass w_down [d_model, d_ff] to twell_ffn, or w_down.t().contiguous())")
-    if d_model % 64 or d_ff % 64:
-        raise ValueError(f"d_model and d_ff must be multiples of 64, got {d_model} and {d_ff}")
-    if d_ff > MAX_D_FF:
-        raise ValueError(f"d_ff must be at most {MAX_D_FF}, got {d_ff}")
+    problem = shape_problem(d_model, d_ff)
+    if problem:
+        raise ValueError(problem)
     if tile % 256 or not 256 <= tile <= 65536:
         raise ValueError(f"tile must be a multiple of 256 in [256, 65536], got {tile}")
     if not 1 <= slots <= min(MAX_SLOTS, tile):
@@ -686,7 +694,7 @@ __all__ = [
     "FusedConfig", "DEFAULT_CONFIG", "set_default_config", "current_config", "twell_ffn", "twell_ffn_op",
     "twell_pack", "twell_ffn_packed", "fused_defines", "pack_defines", "twell_is_faster", "crossover_active_fraction", "MEASURED_CROSSOVER",
     "bytes_per_active_pair", "MIN_WORK_FOR_TWELL", "num_passes",
-    "pass_tile_ranges", "twell_gate_pack", "gate_kernel_supported",
+    "pass_tile_ranges", "twell_gate_pack", "gate_kernel_supported", "shape_problem",
     "gate_defines", "tensor_map", "twell_up_blocked", "up_blocked_supported", "up_defines", "up_shared_bytes",
     "twell_sparse_stage",
 ]

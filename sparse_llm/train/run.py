@@ -141,8 +141,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
                              fused=device.type == "cuda")
 
 
-def check_kernel_runtime(kernel: str, device: torch.device) -> None:
-    """The CUDA kernels need CuPy on GPU machines; say so before anything is built or written."""
+def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> None:
+    """What the CUDA kernels need, checked before anything is built or written: CuPy, 16-bit compute,
+    and an FFN shape they take. Where the run would fail later (TwELL at the first evaluation) this is
+    an error; where the hybrid op would quietly run its exact PyTorch reference, a warning."""
+    kernel = cfg.kernel.name
     if kernel == "torch" or device.type != "cuda":
         return
     try:
@@ -150,10 +153,27 @@ def check_kernel_runtime(kernel: str, device: torch.device) -> None:
     except ImportError as error:
         raise ConfigError(f"kernel={kernel} needs CuPy on GPU machines ({error}); install it with "
                           f"pip install -e \".[gpu]\" (CUDA 12) or \".[gpu-cu13]\" (CUDA 13), or use kernel=torch") from error
+    from sparse_llm.kernels import hybrid, twell
+
+    m = cfg.model
+    if kernel in ("twell", "auto"):
+        problem = twell.shape_problem(m.d_model, m.d_ff)
+        if problem or cfg.precision.name == "fp32":
+            why = (f"{problem} (model.d_model={m.d_model}, model.d_ff={m.d_ff})" if problem
+                   else "its kernels take bf16 / fp16 activations, and precision=fp32")
+            raise ConfigError(f"kernel={kernel} runs the TwELL kernels without grad (evaluation): {why}; "
+                              f"use kernel=hybrid or kernel=torch" + ("" if problem else ", or precision=bf16"))
+    if kernel in ("hybrid", "auto"):
+        problem = hybrid.shape_problem(m.d_model, m.d_ff)
+        if problem or cfg.precision.name == "fp32":
+            why = (f"{problem} (model.d_model={m.d_model}, model.d_ff={m.d_ff})" if problem
+                   else "precision=fp32 (its kernels take bf16 / fp16)")
+            log.warning("kernel=%s: the hybrid FFN runs its PyTorch reference (exact, at dense speed) since %s",
+                        kernel, why)
 
 
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
-    check_kernel_runtime(cfg.kernel.name, world.device)
+    check_kernel_runtime(cfg, world.device)
     grad_accum = grad_accumulation_steps(cfg, world.size)
     train_loader, val_loader = build_loaders(cfg, world)  # bad data fails before the run directory exists
     run_dir = prepare_run_dir(cfg, world)

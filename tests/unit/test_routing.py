@@ -2,7 +2,7 @@
 read back only at log steps, and survive a checkpoint."""
 import torch
 
-from sparse_llm.config import ModelConfig
+from sparse_llm.config import ModelConfig, compose_config
 from sparse_llm.kernels.reference import activation_stats
 from sparse_llm.model import FFNStats, ModelOutput, Transformer
 from sparse_llm.train.routing import KernelRouting
@@ -91,6 +91,36 @@ def test_kernels_without_cupy_on_a_gpu_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_cupy)
     with pytest.raises(ConfigError, match=r"kernel=hybrid needs CuPy.*\.\[gpu\]"):
-        check_kernel_runtime("hybrid", torch.device("cuda", 0))
-    check_kernel_runtime("torch", torch.device("cuda", 0))   # the reference needs no CuPy
-    check_kernel_runtime("hybrid", torch.device("cpu"))      # CPU runs the reference
+        check_kernel_runtime(compose_config(["kernel=hybrid", "model=small"]), torch.device("cuda", 0))
+    check_kernel_runtime(compose_config(["kernel=torch"]), torch.device("cuda", 0))  # the reference needs no CuPy
+    check_kernel_runtime(compose_config(["kernel=hybrid"]), torch.device("cpu"))     # CPU runs the reference
+
+
+def test_kernels_the_shape_or_precision_rules_out_are_named_at_start(monkeypatch, caplog):
+    import sys
+    import types
+
+    import pytest
+
+    from sparse_llm.config import ConfigError
+    from sparse_llm.train.run import check_kernel_runtime
+
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))  # present, as on a GPU machine
+    gpu = torch.device("cuda", 0)
+    # TwELL (kernel=twell, and kernel=auto's evaluation) would raise at the first evaluation
+    for kernel in ("twell", "auto"):
+        with pytest.raises(ConfigError, match=r"multiples of 64.*model\.d_model=320, model\.d_ff=900"):
+            check_kernel_runtime(compose_config([f"kernel={kernel}", "model.d_model=320", "model.d_ff=900"]), gpu)
+        with pytest.raises(ConfigError, match=r"precision=fp32.*or precision=bf16"):
+            check_kernel_runtime(compose_config([f"kernel={kernel}", "model=small", "precision=fp32"]), gpu)
+    # the hybrid op runs its PyTorch reference there: a warning that names the key
+    with caplog.at_level("WARNING", logger="sparse_llm"):
+        check_kernel_runtime(compose_config(["kernel=hybrid", "model=tiny"]), gpu)
+        assert "model.d_model=128" in caplog.text and "multiple of 256" in caplog.text
+        caplog.clear()
+        check_kernel_runtime(compose_config(["kernel=hybrid", "model=small", "precision=fp32"]), gpu)
+        assert "precision=fp32" in caplog.text
+        caplog.clear()
+        for kernel in ("hybrid", "auto"):
+            check_kernel_runtime(compose_config([f"kernel={kernel}", "model=small"]), gpu)  # d_model 512: supported
+        assert caplog.text == ""
