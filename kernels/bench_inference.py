@@ -151,8 +151,6 @@ def run_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots):
         if err < 1e-2 and (best is None or sum(totals) < best[0]):
             best = (sum(totals), cfg)
     twell.set_default_config(None)
-    del syn, inputs, gate, counts, packed
-    torch.cuda.empty_cache()
     return (best[1] if best else None), results
 
 
@@ -171,9 +169,55 @@ def run_pass_sweep(tokens, dtype, d_model, d_ff, seed, tile, slots, base):
     best = min(times, key=times.get)
     print(f"# passes sweep {d_model}x{d_ff} (weights {2 * d_model * d_ff * 2 / 2**20:.0f} MiB), fused ms: "
           + ", ".join(f"{k}: {v:.2f}" for k, v in times.items()) + f"; auto {auto}; using {best}", flush=True)
-    del syn, gate, counts, packed, w_dt
-    torch.cuda.empty_cache()
     return best
+
+
+def _measure_level(args, compiled, dtype, d_model, d_ff, name, frac, tail) -> tuple[dict, str]:
+    """One (shape, sparsity level) row: dense eager / compiled vs TwELL times, errors, peaks, stages."""
+    syn = make_synthetic_ffn(args.tokens, d_model, d_ff, frac * d_ff, tail, dtype, "cuda", args.seed)
+    summ = syn.active_summary()
+    x, wg, wu, wd = syn.x, syn.w_gate, syn.w_up, syn.w_down
+    w_dt = wd.t().contiguous()
+    eager = lambda: ffn_reference(x, wg, wu, wd)  # noqa: E731
+    ours = lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt, tile=args.tile, slots=args.slots)  # noqa: E731
+    y, stats = twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt, tile=args.tile, slots=args.slots, return_stats=True)
+    ref = ffn_reference_fp32(x, wg, wu, wd)
+    err = _rel(y, ref)
+    err_dense = _rel(eager(), ref)
+    del ref, y
+    t_e = _bench(eager)
+    t_o = _bench(ours)
+    t_c = float("nan")
+    if compiled is not None:
+        comp = lambda: compiled(x, wg, wu, wd)  # noqa: E731
+        comp()
+        t_c = _bench(comp)
+    peaks = [_peak_bytes(eager) / 1e9, _peak_bytes(comp) / 1e9 if compiled is not None else float("nan"),
+             _peak_bytes(ours) / 1e9]
+    stages = (float("nan"),) * 4
+    if not args.no_stages:
+        stages = _stages(syn, w_dt, args.tile, args.slots)[:4]
+    t_cublas, t_pack, t_gate_kernel, t_fused = stages
+    nt = -(-d_ff // args.tile)
+    st = stats.tolist()
+    ovf_pct = 100.0 * st[0] / (args.tokens * nt)
+    bpp = twell.bytes_per_active_pair(d_model)
+    pairs = summ["mean"] * args.tokens
+    rate = pairs * bpp / (t_fused * 1e-3) / 1e12 if t_fused == t_fused else float("nan")
+    tflops = 2 * args.tokens * d_model * d_ff / (t_gate_kernel * 1e-3) / 1e12
+    row = dict(shape=f"{d_model}x{d_ff}", level=name, tail=tail, tokens=args.tokens,
+               **{f"active_{k}": v for k, v in summ.items()},
+               eager_ms=t_e, compiled_ms=t_c, ours_ms=t_o, x_eager=t_e / t_o, x_compiled=t_c / t_o,
+               rel_err=err, rel_err_dense_bf16=err_dense, peak_gb_eager=peaks[0], peak_gb_compiled=peaks[1],
+               peak_gb_ours=peaks[2], overflow_tiles=st[0], overflow_entries=st[1], overflow_tile_pct=ovf_pct,
+               bytes_per_pair=bpp, gate_ms=t_cublas, pack_ms=t_pack, gate_kernel_ms=t_gate_kernel,
+               gate_kernel_tflops=tflops, fused_ms=t_fused, fused_tb_s=rate,
+               config=str(twell.current_config()))
+    line = (f"{d_model}x{d_ff:<6} {name:<6} {summ['mean']:6.1f}/{summ['p99']:4.0f}/{summ['max']:5.0f} "
+            f"{summ['worst_tile']:4.0f} {t_e:7.2f} {t_c:7.2f} {t_o:7.2f} {t_e / t_o:6.2f} {t_c / t_o:6.2f} "
+            f"{err:8.1e} {err_dense:8.1e} {peaks[0]:5.2f}/{peaks[1]:4.2f}/{peaks[2]:4.2f} {ovf_pct:6.3f} "
+            f"{bpp:6d} {t_cublas:5.2f}+{t_pack:4.2f}|{t_gate_kernel:5.2f}/{t_fused:5.2f} {rate:5.2f}")
+    return row, line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                   crossover={}, sweep=[], date=time.strftime("%Y-%m-%d"))
     if args.sweep:
         best, results = run_sweep(args.tokens, dtype, *shapes[0], args.seed, args.tile, args.slots)
+        torch.cuda.empty_cache()  # the sweep's inputs went with its frame
         report["sweep"] = results
         if best is not None:
             print(f"using {best}", flush=True)
@@ -220,67 +265,24 @@ def main(argv: list[str] | None = None) -> None:
         twell.set_default_config(base_config)
         if args.sweep and 2 * d_model * d_ff * 2 > props.L2_cache_size:
             best = run_pass_sweep(args.tokens, dtype, d_model, d_ff, args.seed, args.tile, args.slots, base_config)
+            torch.cuda.empty_cache()
             report["sweep"].append(dict(shape=f"{d_model}x{d_ff}", passes=best))
             twell.set_default_config(replace(base_config, passes=best))
         fit_points = []
         dense_times = []
         comp_times = []
         for name, frac, tail in levels:
-            mean_active = frac * d_ff
-            syn = make_synthetic_ffn(args.tokens, d_model, d_ff, mean_active, tail, dtype, "cuda", args.seed)
-            summ = syn.active_summary()
-            x, wg, wu, wd = syn.x, syn.w_gate, syn.w_up, syn.w_down
-            w_dt = wd.t().contiguous()
-            eager = lambda: ffn_reference(x, wg, wu, wd)  # noqa: E731
-            ours = lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt, tile=args.tile, slots=args.slots)  # noqa: E731
-            y, stats = twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt, tile=args.tile, slots=args.slots,
-                                       return_stats=True)
-            ref = ffn_reference_fp32(x, wg, wu, wd)
-            err = _rel(y, ref)
-            err_dense = _rel(eager(), ref)
-            del ref, y
-            t_e = _bench(eager)
-            t_o = _bench(ours)
-            t_c = float("nan")
-            if compiled is not None:
-                comp = lambda: compiled(x, wg, wu, wd)  # noqa: E731
-                comp()
-                t_c = _bench(comp)
-            peaks = [_peak_bytes(eager) / 1e9, _peak_bytes(comp) / 1e9 if compiled is not None else float("nan"),
-                     _peak_bytes(ours) / 1e9]
-            stages = (float("nan"),) * 4
-            if not args.no_stages:
-                stages = _stages(syn, w_dt, args.tile, args.slots)[:4]
-            t_cublas, t_pack, t_gate_kernel, t_fused = stages
-            nt = -(-d_ff // args.tile)
-            st = stats.tolist()
-            ovf_pct = 100.0 * st[0] / (args.tokens * nt)
-            bpp = twell.bytes_per_active_pair(d_model)
-            pairs = summ["mean"] * args.tokens
-            rate = pairs * bpp / (t_fused * 1e-3) / 1e12 if t_fused == t_fused else float("nan")
-            tflops = 2 * args.tokens * d_model * d_ff / (t_gate_kernel * 1e-3) / 1e12
-            row = dict(shape=f"{d_model}x{d_ff}", level=name, tail=tail, tokens=args.tokens, **{f"active_{k}": v for k, v in summ.items()},
-                       eager_ms=t_e, compiled_ms=t_c, ours_ms=t_o, x_eager=t_e / t_o, x_compiled=t_c / t_o,
-                       rel_err=err, rel_err_dense_bf16=err_dense, peak_gb_eager=peaks[0], peak_gb_compiled=peaks[1],
-                       peak_gb_ours=peaks[2], overflow_tiles=st[0], overflow_entries=st[1], overflow_tile_pct=ovf_pct,
-                       bytes_per_pair=bpp, gate_ms=t_cublas, pack_ms=t_pack, gate_kernel_ms=t_gate_kernel,
-                       gate_kernel_tflops=tflops, fused_ms=t_fused, fused_tb_s=rate,
-                       config=str(twell.current_config()))
+            row, line = _measure_level(args, compiled, dtype, d_model, d_ff, name, frac, tail)
+            torch.cuda.empty_cache()  # the level's inputs went with _measure_level's frame
             report["rows"].append(row)
-            line = (f"{d_model}x{d_ff:<6} {name:<6} {summ['mean']:6.1f}/{summ['p99']:4.0f}/{summ['max']:5.0f} "
-                    f"{summ['worst_tile']:4.0f} {t_e:7.2f} {t_c:7.2f} {t_o:7.2f} {t_e / t_o:6.2f} {t_c / t_o:6.2f} "
-                    f"{err:8.1e} {err_dense:8.1e} {peaks[0]:5.2f}/{peaks[1]:4.2f}/{peaks[2]:4.2f} {ovf_pct:6.3f} "
-                    f"{bpp:6d} {t_cublas:5.2f}+{t_pack:4.2f}|{t_gate_kernel:5.2f}/{t_fused:5.2f} {rate:5.2f}")
             lines.append(line)
             if len(report["rows"]) == 1:
                 print(header)
             print(line, flush=True)
             if tail == 0.0:
-                fit_points.append((summ["mean"], t_o))
-                dense_times.append(t_e)
-                comp_times.append(t_c)
-            del syn, x, wg, wu, wd, w_dt
-            torch.cuda.empty_cache()
+                fit_points.append((row["active_mean"], row["ours_ms"]))
+                dense_times.append(row["eager_ms"])
+                comp_times.append(row["compiled_ms"])
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(report, f, indent=1)
