@@ -27,19 +27,9 @@ def main(argv: list[str]) -> int:
         from sparse_llm.parallel.distributed import init_distributed, shutdown
 
         world = init_distributed(cfg.device)
-        if not world.is_main:  # one console for the run; torchrun --log-dir keeps every rank's own output
-            logging.getLogger().setLevel(logging.WARNING)
-        validate(cfg, world.size)
-        if print_only:
-            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-            return 0
-        from sparse_llm.train.run import build_trainer
-
-        trainer = build_trainer(cfg, world)
-        try:
-            trainer.fit()
+        try:  # the process group goes down on every way out, a config error at start included
+            run(cfg, world, print_only)
         finally:
-            trainer.logger.close()
             shutdown()
     except (ConfigError, DataError, HydraException, OmegaConfBaseException) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -48,6 +38,22 @@ def main(argv: list[str]) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 3
     return 0
+
+
+def run(cfg, world, print_only: bool) -> None:
+    if not world.is_main:  # one console for the run; torchrun --log-dir keeps every rank's own output
+        logging.getLogger().setLevel(logging.WARNING)
+    validate(cfg, world.size)
+    if print_only:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        return
+    from sparse_llm.train.run import build_trainer
+
+    trainer = build_trainer(cfg, world)
+    try:
+        trainer.fit()
+    finally:
+        trainer.logger.close()
 
 
 def one_line(error: Exception) -> str:

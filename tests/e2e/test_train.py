@@ -79,10 +79,13 @@ def test_finished_run_is_not_overwritten(tmp_path, tiny_corpus):
     (["model.vocab_size=100"], "model.vocab_size"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, tiny_corpus, capsys, overrides, message):
+    import torch.distributed as dist
+
     code, run_dir = run_train(tmp_path, tiny_corpus, "max_steps=1", *overrides)
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and message in err[-1]
+    assert not dist.is_initialized()  # the process group was taken down (NCCL warns at exit otherwise)
 
 
 def test_missing_shards_dir_is_a_clear_error(tmp_path, capsys):
