@@ -25,8 +25,12 @@ TRAINING_CROSSOVER_ACTIVE_FRAC = 0.006
 
 
 class KernelRouting(Callback):
-    def __init__(self, d_model: int, d_ff: int):
+    """`training` / `inference`: whether the hybrid / TwELL kernels can take this run at all (shape
+    and precision, `run.kernel_problems`); where not, every layer stays on the dense path there."""
+
+    def __init__(self, d_model: int, d_ff: int, training: bool = True, inference: bool = True):
         self.d_model, self.d_ff = d_model, d_ff
+        self.training, self.inference = training, inference
         self.router = None
         self.ffns: list[FeedForward] = []
         self._pending_state: Optional[dict[str, Any]] = None
@@ -60,8 +64,8 @@ class KernelRouting(Callback):
 
         averages = self.router.ema.tolist()
         for layer, ffn in enumerate(self.ffns):
-            ffn.route_training = self.router.use_hybrid[layer]
-            ffn.route_inference = twell_is_faster(averages[layer], self.d_model, self.d_ff)
+            ffn.route_training = self.training and self.router.use_hybrid[layer]
+            ffn.route_inference = self.inference and twell_is_faster(averages[layer], self.d_model, self.d_ff)
 
     def state_dict(self) -> dict[str, Any]:
         return self.router.state_dict() if self.router is not None else {}

@@ -9,7 +9,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -142,9 +142,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 
 def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> None:
-    """What the CUDA kernels need, checked before anything is built or written: CuPy, 16-bit compute,
-    and an FFN shape they take. Where the run would fail later (TwELL at the first evaluation) this is
-    an error; where the hybrid op would quietly run its exact PyTorch reference, a warning."""
+    """What the CUDA kernels need, checked before anything is built or written: CuPy, bf16 / fp16
+    compute and an FFN shape they take. kernel=twell would fail at the first evaluation: an error.
+    kernel=hybrid would run its exact PyTorch reference at dense speed, and kernel=auto keeps such
+    layers dense (KernelRouting): warnings."""
     kernel = cfg.kernel.name
     if kernel == "torch" or device.type != "cuda":
         return
@@ -153,23 +154,29 @@ def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> None:
     except ImportError as error:
         raise ConfigError(f"kernel={kernel} needs CuPy on GPU machines ({error}); install it with "
                           f"pip install -e \".[gpu]\" (CUDA 12) or \".[gpu-cu13]\" (CUDA 13), or use kernel=torch") from error
+    inference_problem, training_problem = kernel_problems(cfg)
+    if kernel == "twell" and inference_problem:
+        raise ConfigError(f"kernel=twell runs the TwELL kernels for evaluation, which cannot take this run: "
+                          f"{inference_problem}; use kernel=hybrid or kernel=torch"
+                          + (", or precision=bf16" if "precision" in inference_problem else ""))
+    if kernel == "hybrid" and training_problem:
+        log.warning("kernel=hybrid: the hybrid FFN runs its PyTorch reference (exact, at dense speed) since %s",
+                    training_problem)
+    if kernel == "auto":
+        for path, problem in (("training", training_problem), ("evaluation", inference_problem)):
+            if problem:
+                log.warning("kernel=auto: every layer stays dense in %s, since %s", path, problem)
+
+
+def kernel_problems(cfg: TrainConfig) -> tuple[Optional[str], Optional[str]]:
+    """Why the TwELL (inference) and the hybrid (training) kernels cannot take this run, or None."""
     from sparse_llm.kernels import hybrid, twell
 
     m = cfg.model
-    if kernel in ("twell", "auto"):
-        problem = twell.shape_problem(m.d_model, m.d_ff)
-        if problem or cfg.precision.name == "fp32":
-            why = (f"{problem} (model.d_model={m.d_model}, model.d_ff={m.d_ff})" if problem
-                   else "its kernels take bf16 / fp16 activations, and precision=fp32")
-            raise ConfigError(f"kernel={kernel} runs the TwELL kernels without grad (evaluation): {why}; "
-                              f"use kernel=hybrid or kernel=torch" + ("" if problem else ", or precision=bf16"))
-    if kernel in ("hybrid", "auto"):
-        problem = hybrid.shape_problem(m.d_model, m.d_ff)
-        if problem or cfg.precision.name == "fp32":
-            why = (f"{problem} (model.d_model={m.d_model}, model.d_ff={m.d_ff})" if problem
-                   else "precision=fp32 (its kernels take bf16 / fp16)")
-            log.warning("kernel=%s: the hybrid FFN runs its PyTorch reference (exact, at dense speed) since %s",
-                        kernel, why)
+    fp32 = "precision=fp32 (the kernels take bf16 / fp16 activations)" if cfg.precision.name == "fp32" else None
+    shape = f" (model.d_model={m.d_model}, model.d_ff={m.d_ff})"
+    twell_shape, hybrid_shape = twell.shape_problem(m.d_model, m.d_ff), hybrid.shape_problem(m.d_model, m.d_ff)
+    return (twell_shape + shape if twell_shape else fp32), (hybrid_shape + shape if hybrid_shape else fp32)
 
 
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
@@ -182,7 +189,9 @@ def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)
     callbacks = build_callbacks(cfg, world, run_dir)
     if cfg.kernel.name == "auto":
-        callbacks.append(KernelRouting(cfg.model.d_model, cfg.model.d_ff))
+        inference_problem, training_problem = kernel_problems(cfg)
+        callbacks.append(KernelRouting(cfg.model.d_model, cfg.model.d_ff, training=training_problem is None,
+                                       inference=inference_problem is None))
     trainer = Trainer(cfg, world, model, optimizer, train_loader, val_loader, logger, run_dir, grad_accum,
                       callbacks=callbacks)
     if cfg.checkpoint.resume:

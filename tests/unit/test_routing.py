@@ -107,20 +107,34 @@ def test_kernels_the_shape_or_precision_rules_out_are_named_at_start(monkeypatch
 
     monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))  # present, as on a GPU machine
     gpu = torch.device("cuda", 0)
-    # TwELL (kernel=twell, and kernel=auto's evaluation) would raise at the first evaluation
-    for kernel in ("twell", "auto"):
-        with pytest.raises(ConfigError, match=r"multiples of 64.*model\.d_model=320, model\.d_ff=900"):
-            check_kernel_runtime(compose_config([f"kernel={kernel}", "model.d_model=320", "model.d_ff=900"]), gpu)
-        with pytest.raises(ConfigError, match=r"precision=fp32.*or precision=bf16"):
-            check_kernel_runtime(compose_config([f"kernel={kernel}", "model=small", "precision=fp32"]), gpu)
-    # the hybrid op runs its PyTorch reference there: a warning that names the key
+    # kernel=twell would raise at the first evaluation
+    with pytest.raises(ConfigError, match=r"multiples of 64.*model\.d_model=320, model\.d_ff=900"):
+        check_kernel_runtime(compose_config(["kernel=twell", "model.d_model=320", "model.d_ff=900"]), gpu)
+    with pytest.raises(ConfigError, match=r"precision=fp32.*or precision=bf16"):
+        check_kernel_runtime(compose_config(["kernel=twell", "model=small", "precision=fp32"]), gpu)
     with caplog.at_level("WARNING", logger="sparse_llm"):
+        # the hybrid op would run its PyTorch reference: a warning that names the key
         check_kernel_runtime(compose_config(["kernel=hybrid", "model=tiny"]), gpu)
         assert "model.d_model=128" in caplog.text and "multiple of 256" in caplog.text
         caplog.clear()
         check_kernel_runtime(compose_config(["kernel=hybrid", "model=small", "precision=fp32"]), gpu)
         assert "precision=fp32" in caplog.text
         caplog.clear()
-        for kernel in ("hybrid", "auto"):
+        # kernel=auto keeps such layers dense, and says so
+        check_kernel_runtime(compose_config(["kernel=auto", "model.d_model=320", "model.d_ff=960"]), gpu)
+        assert "dense in training" in caplog.text and "dense in evaluation" not in caplog.text
+        caplog.clear()
+        for kernel in ("twell", "hybrid", "auto"):
             check_kernel_runtime(compose_config([f"kernel={kernel}", "model=small"]), gpu)  # d_model 512: supported
         assert caplog.text == ""
+
+
+def test_auto_keeps_layers_dense_where_the_kernels_cannot_run():
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=1000, vocab_size=10, seq_len=8)
+    for training, inference in ((False, True), (True, False), (False, False)):
+        routing = KernelRouting(cfg.d_model, cfg.d_ff, training=training, inference=inference)
+        routing.on_fit_start(FakeTrainer(Transformer(cfg, kernel="auto")))
+        for _ in range(200):  # 0.2% active: both kernels would be chosen
+            routing.on_micro_batch_end(None, output_with_active(2, 1000, [2, 2]))
+        routing.on_step_end(None, 1, {})
+        assert all(f.route_training == training and f.route_inference == inference for f in routing.ffns)
