@@ -27,5 +27,5 @@ for active in (61, 29):
     for k, v in res.items():
         if v:
             print(f"active {active} {k}: median {sorted(v)[len(v) // 2]:.3f} ms {['%.3f' % t for t in v]}", flush=True)
-    del syn, x, wg, wu, wdt
+    syn = x = wg = wu = wdt = None  # freed before the next inputs
     torch.cuda.empty_cache()

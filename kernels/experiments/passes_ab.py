@@ -20,5 +20,5 @@ for shape, actives, options in [((2048, 5632), (29, 61, 115), (1, 2, 3)), ((2048
                 res[p].append(float(do_bench(lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=wdt), warmup=10, rep=120, return_mode="median")))
         twell.set_default_config(None)
         print(shape, active, {p: round(sorted(v)[1], 3) for p, v in res.items()}, flush=True)
-        del syn, x, wg, wu, wdt
+        syn = x = wg = wu = wdt = None  # freed before the next inputs
         torch.cuda.empty_cache()

@@ -71,5 +71,5 @@ for level in levels:
         err = ((y.float() - ref).norm() / ref.norm()).item()
         timeline(lambda: twell.twell_ffn(x, wg, wu, None, w_down_t=w_dt), f"TwELL {name} (rel. error {err:.2e})")
     twell.set_default_config(None)
-    del syn, x, wg, wu, wd, w_dt, ref, y
+    syn = x = wg = wu = wd = w_dt = ref = y = None  # freed before the next inputs
     torch.cuda.empty_cache()

@@ -46,5 +46,5 @@ for level in levels:
           f"up on: total {med[1][0]:.2f} ({t_dense / med[1][0]:.3f}x) sparse stage {med[1][1]:.2f} (up {med[1][2]:.2f}) err {med[1][3]:.1e} | "
           f"up off: total {med[0][0]:.2f} ({t_dense / med[0][0]:.3f}x) sparse stage {med[0][1]:.2f} err {med[0][3]:.1e}  rounds {res}",
           flush=True)
-    del syn, x, wg, wu, wd, w_dt, ref, gate, counts, packed, h_slots
+    syn = x = wg = wu = wd = w_dt = ref = gate = counts = packed = h_slots = None  # freed before the next inputs
     torch.cuda.empty_cache()
