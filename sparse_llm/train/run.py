@@ -141,24 +141,27 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
                              fused=device.type == "cuda")
 
 
-def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> None:
+def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> tuple[Optional[str], Optional[str]]:
     """What the CUDA kernels need, checked before anything is built or written: CuPy, bf16 / fp16
     compute and an FFN shape they take. kernel=twell would fail at the first evaluation: an error.
     kernel=hybrid would run its exact PyTorch reference at dense speed, and kernel=auto keeps such
-    layers dense (KernelRouting): warnings."""
+    layers dense (KernelRouting): warnings. Returns `kernel_problems(cfg)`."""
     kernel = cfg.kernel.name
-    if kernel == "torch" or device.type != "cuda":
-        return
+    if kernel == "torch":
+        return None, None
+    problems = kernel_problems(cfg)
+    if device.type != "cuda":
+        return problems
     try:
         import cupy  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"kernel={kernel} needs CuPy on GPU machines ({error}); install it with "
                           f"pip install -e \".[gpu]\" (CUDA 12) or \".[gpu-cu13]\" (CUDA 13), or use kernel=torch") from error
-    inference_problem, training_problem = kernel_problems(cfg)
+    inference_problem, training_problem = problems
     if kernel == "twell" and inference_problem:
         raise ConfigError(f"kernel=twell runs the TwELL kernels for evaluation, which cannot take this run: "
                           f"{inference_problem}; use kernel=hybrid or kernel=torch"
-                          + (", or precision=bf16" if "precision" in inference_problem else ""))
+                          + (", or precision=bf16" if cfg.precision.name == "fp32" else ""))
     if kernel == "hybrid" and training_problem:
         log.warning("kernel=hybrid: the hybrid FFN runs its PyTorch reference (exact, at dense speed) since %s",
                     training_problem)
@@ -166,6 +169,7 @@ def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> None:
         for path, problem in (("training", training_problem), ("evaluation", inference_problem)):
             if problem:
                 log.warning("kernel=auto: every layer stays dense in %s, since %s", path, problem)
+    return problems
 
 
 def kernel_problems(cfg: TrainConfig) -> tuple[Optional[str], Optional[str]]:
@@ -180,7 +184,7 @@ def kernel_problems(cfg: TrainConfig) -> tuple[Optional[str], Optional[str]]:
 
 
 def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
-    check_kernel_runtime(cfg, world.device)
+    inference_problem, training_problem = check_kernel_runtime(cfg, world.device)
     grad_accum = grad_accumulation_steps(cfg, world.size)
     train_loader, val_loader = build_loaders(cfg, world)  # bad data fails before the run directory exists
     run_dir = prepare_run_dir(cfg, world)
@@ -189,7 +193,6 @@ def build_trainer(cfg: TrainConfig, world: World) -> Trainer:
     logger = build_logger(cfg.logging.wandb, run_dir, cfg.run_name, config_dict(cfg), cfg.max_steps, world.is_main)
     callbacks = build_callbacks(cfg, world, run_dir)
     if cfg.kernel.name == "auto":
-        inference_problem, training_problem = kernel_problems(cfg)
         callbacks.append(KernelRouting(cfg.model.d_model, cfg.model.d_ff, training=training_problem is None,
                                        inference=inference_problem is None))
     trainer = Trainer(cfg, world, model, optimizer, train_loader, val_loader, logger, run_dir, grad_accum,

@@ -136,8 +136,8 @@ def test_dense_unit_many_tokens():
 
 @pytest.mark.parametrize("d", [2304, 3072, 3584, 4096])
 def test_wide_d_model(d):
-    # past d_model 2048: hy_dw with one CTA an SM asked of ptxas, hy_forward's Wd row after the dot
-    # product (from 2816) and its x row in shared memory (from 3584); rows past the ELL and a dense row
+    # past d_model 2048: hy_dw with one CTA an SM asked of ptxas, hy_forward with the row of x in
+    # shared memory (from 2816); rows past the ELL and a dense row
     check_case(*make_inputs(600, d, 1024, torch.bfloat16, mean_active=12, adversarial=True), width=16)
 
 
