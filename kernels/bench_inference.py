@@ -22,6 +22,7 @@ import torch
 
 from sparse_llm.kernels import twell
 from sparse_llm.kernels.reference import ffn_reference, ffn_reference_fp32
+from sparse_llm.kernels.row_order import longest_first
 from sparse_llm.kernels.synthetic import make_synthetic_ffn
 
 DEFAULT_SHAPES = "2048x5632,2048x8192,4096x11008,1024x2816"
@@ -95,7 +96,7 @@ def _stages(syn, w_dt, tile, slots, gated=True):
     lpt = twell.current_config().lpt
     row_total = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device) if lpt else None
     counts, packed, stats = twell.twell_pack(gate, tile, slots, row_total=row_total)
-    order = torch.argsort(row_total, descending=True).to(torch.int32) if lpt else None
+    order = longest_first(row_total)[0] if lpt else None
     t_gate = _bench(lambda: torch.matmul(x, wg.t()), 100)
     t_pack = _bench(lambda: twell.twell_pack(gate, tile, slots, row_total=row_total), 100)
     t_gate_kernel = float("nan")

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sparse_llm.kernels import hybrid_reference as ref
 from sparse_llm.kernels.loader import device_properties, launch, resident_blocks
+from sparse_llm.kernels.row_order import longest_first
 
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
@@ -156,9 +157,7 @@ def _row_plan(tprefix: Tensor) -> tuple[Tensor, Tensor]:
     starts early instead of finishing last) and how many of its first rows are split over ROW_PARTS
     warps (a device scalar: no host sync; at most `_split_bound` rows)."""
     lengths = tprefix[:, -1]  # active units before the row's last tile: a cheap lower bound of its count
-    order = torch.argsort(lengths, descending=True).to(torch.int32)
-    split = (lengths >= SPLIT_ROW_UNITS).sum(dtype=torch.int32)
-    return order, split
+    return longest_first(lengths, SPLIT_ROW_UNITS)
 
 
 def _split_bound(n: int) -> int:

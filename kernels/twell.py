@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from sparse_llm.kernels import twell_reference as _ref
+from sparse_llm.kernels.row_order import longest_first
 from sparse_llm.kernels.twell_reference import DEFAULT_SLOTS, DEFAULT_TILE, num_tiles
 
 MAX_SLOTS = 64
@@ -53,7 +54,7 @@ class FusedConfig:
     passes: int = 0  # neuron passes of the fused stage (0: enough for each pass's rows to fit L2)
     pass_l2_factor: float = 1.0  # auto passes: weight bytes per pass <= factor x L2 size
     pass_partial16: int = 1  # passes hand on the rounded 16-bit y (0: float32 partial sums; NOTES_twell v8)
-    lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, argsort on device)
+    lpt: int = 1  # walk tokens longest-first (per-token active totals from the pack, row_order.longest_first)
     # with lpt: up to split_rows rows of at least split_units active units (the longest) are walked in
     # row_parts parts by as many teams, their float32 partial rows added in part order afterwards
     split_rows: int = 256
@@ -635,9 +636,7 @@ def _fused_stage(x2, gate, counts, packed, stats, row_total, w_gate, w_up, w_dow
     # longest of them are split over several teams (no host sync: the count stays on the device)
     order, split = None, None
     if row_total is not None:
-        order = torch.argsort(row_total, descending=True).to(torch.int32)
-        if cfg.split_rows > 0:
-            split = (row_total >= cfg.split_units).sum(dtype=torch.int32)
+        order, split = longest_first(row_total, cfg.split_units if cfg.split_rows > 0 else None)
     y = twell_sparse_stage(x2, gate, counts, packed, None if w_gate is None else w_up, w_down_t, tile, cfg, order,
                            split=split)
     return y.view(*shape), stats

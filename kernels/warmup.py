@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from sparse_llm.kernels import cross_entropy, hybrid, rope, twell
+from sparse_llm.kernels import cross_entropy, hybrid, rope, row_order, twell
 from sparse_llm.kernels.loader import compile_cubin, kernel_cache_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,7 +23,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
                     arch: str = "sm_90a") -> list[tuple[str, dict[str, int]]]:
     variants = (twell.kernel_variants(d_model, d_ff, gated, dtype, arch) + rope.kernel_variants(dtype)
-                + cross_entropy.kernel_variants(dtype))
+                + cross_entropy.kernel_variants(dtype) + row_order.kernel_variants())
     if hybrid.shape_supported(d_model, d_ff):
         variants += hybrid.kernel_variants(d_model, d_ff, gated, dtype)
     return variants
