@@ -47,6 +47,13 @@ DW_PART_ORDER = os.environ.get("SPARSE_LLM_DW_PART_ORDER", "1") != "0"
 SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
 BACKWARD_ELL_WIDTH = 2048  # floor of the (dg, du) ELL's width, see backward_ell_width
 ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
+# The gate GEMM: on Hopper, where the TwELL gate kernel takes the shape, the GEMM with the TwELL pack
+# in its epilogue (kernels/twell.py, twell_gate.cu) and hy_from_twell, instead of cuBLAS's G and
+# hy_pack (which reads all of G back: 0.09 ms at 16384 x 5632); False (or the environment's
+# SPARSE_LLM_HYBRID_FUSED_GATE=0) always takes cuBLAS. GATE_SLOTS: the TwELL tile width it asks for
+# (a tile with more active units writes its dense segment, which hy_from_twell reads).
+FUSED_GATE = os.environ.get("SPARSE_LLM_HYBRID_FUSED_GATE", "1") != "0"
+GATE_SLOTS = 16
 # hy_forward's __launch_bounds__ min-blocks (1: ptxas's choice, ~230 registers at d_model 2048, so 2
 # CTAs of 4 warps per SM).
 FWD_MIN_BLOCKS = 1
@@ -103,7 +110,7 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
+KERNEL_NAMES = ("hy_pack", "hy_from_twell", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
                 "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
@@ -119,10 +126,28 @@ def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> 
     return defines
 
 
-def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype) -> list[tuple[str, dict[str, int]]]:
-    """(source, defines) of every module a training step of this FFN shape compiles (for the warm-up)."""
+def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
+                    arch: str = "sm_90a") -> list[tuple[str, dict[str, int]]]:
+    """(source, defines) of every module a training step of this FFN shape compiles on `arch` (for the
+    warm-up)."""
+    from sparse_llm.kernels import twell
+
     variants = {tuple(sorted(kernel_defines(n, d_model, gated, dtype).items())) for n in KERNEL_NAMES}
-    return [(SOURCE, dict(v)) for v in sorted(variants)]
+    modules = [(SOURCE, dict(v)) for v in sorted(variants)]
+    if FUSED_GATE and arch == twell.GATE_KERNEL_ARCH and twell.shape_problem(d_model, d_ff) is None:
+        cfg = twell.current_config()
+        modules.append(("twell_gate.cu", twell.gate_defines(GATE_SLOTS, dtype, cfg.gate_stages, cfg.gate_cluster)))
+    return modules
+
+
+def fused_gate_supported(x: Tensor, w: Tensor) -> bool:
+    """Whether the forward takes its gate GEMM from the TwELL gate kernel for x [N, d_model] and the
+    gate-role weight w [d_ff, d_model] (Hopper, 16-bit, both dims multiples of 64)."""
+    from sparse_llm.kernels import twell
+
+    return (FUSED_GATE and x.is_cuda and x.dim() == 2 and x.shape[0] > 0 and x.dtype == w.dtype
+            and twell.shape_problem(x.shape[1], w.shape[0]) is None
+            and twell.gate_kernel_supported(x.device, x.dtype, twell.GATE_KERNEL_TILE, GATE_SLOTS))
 
 
 def _kernel(name: str, device, d_model: int, gated: bool, dtype: torch.dtype):
@@ -195,7 +220,14 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
     dev, dt = x.device, x.dtype
     x = _c(x)
     w_up = _c(w_up)
-    g = _c(ref.gate_preact(x, _c(w_gate) if gated else w_up))  # the one dense GEMM (cuBLAS)
+    wg = _c(w_gate) if gated else w_up
+    fused = fused_gate_supported(x, wg)
+    if fused:  # the one dense GEMM, with the TwELL pack in its epilogue (G holds overflowing tiles only)
+        from sparse_llm.kernels.twell import twell_gate_pack
+
+        g, counts, slots, _ = twell_gate_pack(x, wg, GATE_SLOTS)
+    else:  # the one dense GEMM (cuBLAS)
+        g = _c(ref.gate_preact(x, wg))
     wdt = _transpose16(w_down)
     nw, nt = ref.words(d_ff), ref.tiles(d_ff)
     mrow = torch.empty(n, nw, dtype=torch.int32, device=dev)
@@ -207,8 +239,13 @@ def _fwd_cuda(x, w_gate, w_up, w_down, width):
     neuron_counts = torch.zeros(d_ff, dtype=torch.int32, device=dev)
     if n > 0:
         i32 = np.int32
-        launch(_kernel("hy_pack", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
-               (ptr(g), ptr(mrow), ptr(tprefix), ptr(ell), i32(n), i32(d_ff), i32(width)))
+        if fused:
+            launch(_kernel("hy_from_twell", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
+                   (ptr(g), ptr(counts), ptr(slots), ptr(mrow), ptr(tprefix), ptr(ell), i32(n), i32(d_ff),
+                    i32(width), i32(GATE_SLOTS)))
+        else:
+            launch(_kernel("hy_pack", dev, d_model, gated, dt), ((n + 7) // 8,), (256,),
+                   (ptr(g), ptr(mrow), ptr(tprefix), ptr(ell), i32(n), i32(d_ff), i32(width)))
         order, split_rows = _row_plan(tprefix)
         rows = _split_bound(n)
         part_y = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)

@@ -127,8 +127,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def gate_preact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g = x W^T in x's dtype: the one dense GEMM (the CUDA path makes this very call, so the
-    reference and the kernels see bit-identical gate values)."""
+    """g = x W^T in x's dtype: the one dense GEMM, computed as the CUDA path computes it, so that the
+    reference and the kernels see bit-identical gate values: torch.mm, or on Hopper the TwELL gate
+    kernel that the op's forward runs (`hybrid.fused_gate_supported`), with every tile written."""
+    from sparse_llm.kernels import hybrid
+
+    if hybrid.fused_gate_supported(x, w):
+        from sparse_llm.kernels.twell import twell_gate_pack
+
+        return twell_gate_pack(x.contiguous(), w.contiguous(), hybrid.GATE_SLOTS, write_all=True)[0]
     return torch.mm(x, w.t())
 
 

@@ -25,7 +25,7 @@ def kernel_variants(d_model: int, d_ff: int, gated: bool, dtype: torch.dtype,
     variants = (twell.kernel_variants(d_model, d_ff, gated, dtype, arch) + rope.kernel_variants(dtype)
                 + cross_entropy.kernel_variants(dtype) + row_order.kernel_variants())
     if hybrid.shape_supported(d_model, d_ff):
-        variants += hybrid.kernel_variants(d_model, d_ff, gated, dtype)
+        variants += hybrid.kernel_variants(d_model, d_ff, gated, dtype, arch)
     return variants
 
 

@@ -9,6 +9,7 @@
 //
 // Kernels (one module per (HY_D, HY_GATED, HY_DTYPE)):
 //   hy_pack       G [N, FF] -> row bitmask mrow [N, FF/32] + per-256-tile exclusive rank prefix
+//   hy_from_twell the same from the TwELL form of the fused gate kernel (twell_gate.cu, Hopper)
 //   hy_forward    warp per token (long rows split over ROW_PARTS warps): u, h, y, ELL (a, u)
 //                 for ranks < W, l1 per token, stats
 //   hy_rows_finish  adds the float32 parts of the long rows (y and stats, or dX)
@@ -197,6 +198,36 @@ __device__ __forceinline__ int hy_rank(const tw_u32* __restrict__ mrow, const in
 // ---------------------------------------------------------------------------------------------
 // hy_pack: warp per row of G. 256 columns (one stats tile) per step, 8 per lane.
 
+// Tile T (256 columns) of a row of G through the whole warp, 8 columns a lane: its words of the row
+// bitmask mr and the ELL's a of its active columns, ranked from `first`; returns its active count.
+__device__ __forceinline__ int hy_pack_tile(const tw_u16* __restrict__ grow, int T, int first, tw_u32* __restrict__ mr,
+                                             float2* __restrict__ ell_row, int FF, int W, tw_u64 policy) {
+  const int lane = threadIdx.x & 31;
+  const int c0 = T * 256 + lane * 8;
+  tw_u32 m8 = 0;
+  float f[8];
+  if (c0 < FF) {
+    hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(grow + c0), policy), f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) m8 |= (tw_u32)(f[e] > 0.f) << e;
+  }
+  const int cnt8 = __popc(m8);
+  const int incl = tw_warp_scan(cnt8, lane);
+  int r = first + incl - cnt8;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    if ((m8 >> e) & 1u) {
+      if (r < W) ell_row[r] = hy_f2(f[e], 0.f);
+      ++r;
+    }
+  }
+  tw_u32 w = m8 << (8 * (lane & 3));
+  w |= __shfl_xor_sync(TW_FULL_MASK, w, 1);
+  w |= __shfl_xor_sync(TW_FULL_MASK, w, 2);
+  if ((lane & 3) == 0 && c0 < FF) mr[T * 8 + (lane >> 2)] = w;
+  return __shfl_sync(TW_FULL_MASK, incl, 31);
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 hy_pack(const tw_u16* __restrict__ G, tw_u32* __restrict__ mrow, int* __restrict__ tprefix,
         float2* __restrict__ ell, int N, int FF, int W) {
@@ -204,38 +235,63 @@ hy_pack(const tw_u16* __restrict__ G, tw_u32* __restrict__ mrow, int* __restrict
   const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (t >= N) return;
   const int nw = FF >> 5, nt = (FF + 255) >> 8;
-  const tw_u16* g = G + (size_t)t * FF;
   const tw_u64 pol_first = tw_policy_stream();
   int base = 0;
   for (int T = 0; T < nt; ++T) {
-    const int c0 = T * 256 + lane * 8;
-    tw_u32 m8 = 0;
-    float f[8];
-    if (c0 < FF) {
-      const uint4 q = tw_ld16(reinterpret_cast<const uint4*>(g + c0), pol_first);
-      hy_unpack8(q, f);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) m8 |= (tw_u32)(f[k] > 0.f) << k;
-    }
-    // ranks of this lane's active columns: base + active columns of lower lanes + lower bits
-    const int cnt8 = __popc(m8);
-    int incl = tw_warp_scan(cnt8, lane);
-    int r = base + incl - cnt8;
-    if (r < W) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if ((m8 >> k) & 1u) {
-          if (r < W) ell[(size_t)t * W + r] = hy_f2(f[k], 0.f);
-          ++r;
-        }
-      }
-    }
-    tw_u32 w = m8 << (8 * (lane & 3));
-    w |= __shfl_xor_sync(TW_FULL_MASK, w, 1);
-    w |= __shfl_xor_sync(TW_FULL_MASK, w, 2);
-    const int word = T * 8 + (lane >> 2);
-    if ((lane & 3) == 0 && word < nw) mrow[(size_t)t * nw + word] = w;
     if (lane == 0) tprefix[(size_t)t * nt + T] = base;
+    base += hy_pack_tile(G + (size_t)t * FF, T, base, mrow + (size_t)t * nw, ell + (size_t)t * W, FF, W, pol_first);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_from_twell: the same format from the TwELL form that the fused gate kernel (twell_gate.cu,
+// Hopper) writes in its epilogue, so that G never makes a round trip through device memory. Warp per
+// row, lane per tile of 256 units: a tile's slots hold (bits << 16) | column of its first
+// min(count, S) active columns in ascending order, and a tile with count > S has its dense segment
+// in G instead, which the whole warp then reads as hy_pack does. Writes mrow, tprefix and the ELL's
+// a exactly as hy_pack would from the same G, and copies the a of each pair past the ELL
+// (rank >= W) of a tile that did not overflow into G, where hy_forward reads it. (A warp walking
+// the tiles one after another waited on one slot load per tile: 0.066 ms at 16384 x 5632.)
+
+extern "C" __global__ void __launch_bounds__(256)
+hy_from_twell(tw_u16* __restrict__ G, const int* __restrict__ counts, const tw_u32* __restrict__ slots,
+              tw_u32* __restrict__ mrow, int* __restrict__ tprefix, float2* __restrict__ ell, int N, int FF,
+              int W, int S) {
+  const int lane = threadIdx.x & 31;
+  const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (t >= N) return;
+  const int nw = FF >> 5, nt = (FF + 255) >> 8;
+  tw_u16* grow = G + (size_t)t * FF;
+  tw_u32* mr = mrow + (size_t)t * nw;
+  float2* ell_row = ell + (size_t)t * W;
+  int base = 0;  // active columns of the row before this round of 32 tiles
+  for (int T0 = 0; T0 < nt; T0 += 32) {
+    const int T = T0 + lane;
+    const int count = T < nt ? __ldg(counts + (size_t)t * nt + T) : 0;
+    const int incl = tw_warp_scan(count, lane);
+    const int first = base + incl - count;  // rank of the tile's first pair
+    if (T < nt) tprefix[(size_t)t * nt + T] = first;
+    if (T < nt && count <= S) {
+      const tw_u32* sl = slots + ((size_t)t * nt + T) * S;
+      tw_u32 word[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+#pragma unroll 4
+      for (int s = 0; s < count; ++s) {
+        const tw_u32 v = __ldg(sl + s);
+        const int col = (int)(v & 0xFFFFu), rank = first + s;
+        if (rank < W) ell_row[rank] = hy_f2(tw_to_float(v >> 16), 0.f);
+        else grow[T * 256 + col] = (tw_u16)(v >> 16);
+#pragma unroll
+        for (int w = 0; w < 8; ++w) word[w] |= (col >> 5) == w ? 1u << (col & 31) : 0u;
+      }
+#pragma unroll
+      for (int w = 0; w < 8; ++w)
+        if (T * 8 + w < nw) mr[T * 8 + w] = word[w];
+    }
+    // overflowing tiles, one at a time through the whole warp
+    for (tw_u32 dense = __ballot_sync(TW_FULL_MASK, T < nt && count > S); dense != 0u; dense &= dense - 1u) {
+      const int k = __ffs(dense) - 1;
+      hy_pack_tile(grow, T0 + k, __shfl_sync(TW_FULL_MASK, first, k), mr, ell_row, FF, W, tw_policy_stream());
+    }
     base += __shfl_sync(TW_FULL_MASK, incl, 31);
   }
 }

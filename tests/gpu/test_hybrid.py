@@ -124,8 +124,17 @@ def test_odd_token_counts(n):
 
 
 @pytest.mark.parametrize("width", [2, 64])
-def test_adversarial(width):
-    check_case(*make_inputs(300, 256, 1024, torch.bfloat16, mean_active=6, adversarial=True), width=width)
+@pytest.mark.parametrize("fused_gate", [True, False])
+def test_adversarial(width, fused_gate, monkeypatch):
+    # the format from the TwELL gate kernel's epilogue (hy_from_twell, on Hopper) and from cuBLAS's G
+    # (hy_pack): a dense row (every tile past the TwELL slots), an empty row, rows past the ELL width
+    from sparse_llm.kernels import hybrid
+
+    monkeypatch.setattr(hybrid, "FUSED_GATE", fused_gate)
+    inputs = make_inputs(300, 256, 1024, torch.bfloat16, mean_active=6, adversarial=True)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert hybrid.fused_gate_supported(inputs[0], inputs[1]) == (fused_gate and hopper)
+    check_case(*inputs, width=width)
 
 
 def test_dense_unit_many_tokens():

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from sparse_llm.kernels import loader, warmup
+from sparse_llm.kernels import hybrid, loader, twell, warmup
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH (CUDA toolkit)")
 
@@ -26,7 +26,9 @@ def cache(tmp_path, monkeypatch):
 def test_warmup_builds_the_cubins_the_loader_looks_up(cache):
     variants = warmup.kernel_variants(256, 1024, True, torch.bfloat16)
     assert {source for source, _ in variants} == {"twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "hybrid.cu",
-                                                  "rope.cu", "cross_entropy.cu"}
+                                                  "rope.cu", "cross_entropy.cu", "row_order.cu"}
+    gate_slots = {d["TW_SLOTS"] for s, d in variants if s == "twell_gate.cu"}
+    assert gate_slots == {twell.DEFAULT_SLOTS, hybrid.GATE_SLOTS}  # inference's TwELL and training's hybrid gate
     assert "twell_gate.cu" not in {s for s, _ in warmup.kernel_variants(256, 1024, True, torch.bfloat16, "sm_80")}
     paths = warmup.warm([(256, 1024, True)], [torch.bfloat16], "sm_90a")
     assert all(p.is_file() and p.parent == cache and p.stat().st_size > 0 for p in paths)
@@ -37,7 +39,7 @@ def test_warmup_builds_the_cubins_the_loader_looks_up(cache):
 
 def test_hybrid_is_skipped_for_shapes_it_does_not_take():
     assert {s for s, _ in warmup.kernel_variants(128, 512, True, torch.bfloat16)} == {
-        "twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "rope.cu", "cross_entropy.cu"}
+        "twell_pack.cu", "twell_ffn.cu", "twell_gate.cu", "rope.cu", "cross_entropy.cu", "row_order.cu"}
 
 
 def test_opt_in_blocked_up_projection_is_warmed_when_enabled():
