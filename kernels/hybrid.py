@@ -103,7 +103,7 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
         return False
     from sparse_llm.kernels.loader import cupy_available
 
-    return cupy_available()
+    return cupy_available() and device_properties(x.device).major >= 8  # the PTX needs Ampere or newer
 
 
 # ----------------------------------------------------------------------------------------------

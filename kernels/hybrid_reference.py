@@ -135,7 +135,7 @@ def gate_preact(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if hybrid.fused_gate_supported(x, w):
         from sparse_llm.kernels.twell import twell_gate_pack
 
-        return twell_gate_pack(x.contiguous(), w.contiguous(), hybrid.GATE_SLOTS, write_all=True)[0]
+        return twell_gate_pack(hybrid._c(x), hybrid._c(w), hybrid.GATE_SLOTS, write_all=True)[0]
     return torch.mm(x, w.t())
 
 

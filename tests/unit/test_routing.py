@@ -105,7 +105,10 @@ def test_kernels_the_shape_or_precision_rules_out_are_named_at_start(monkeypatch
     from sparse_llm.config import ConfigError
     from sparse_llm.train.run import check_kernel_runtime
 
+    from sparse_llm.train import run
+
     monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))  # present, as on a GPU machine
+    monkeypatch.setattr(run, "compute_capability", lambda device: (9, 0))
     gpu = torch.device("cuda", 0)
     # kernel=twell would raise at the first evaluation
     with pytest.raises(ConfigError, match=r"multiples of 64.*model\.d_model=320, model\.d_ff=900"):
@@ -127,6 +130,12 @@ def test_kernels_the_shape_or_precision_rules_out_are_named_at_start(monkeypatch
         for kernel in ("twell", "hybrid", "auto"):
             check_kernel_runtime(compose_config([f"kernel={kernel}", "model=small"]), gpu)  # d_model 512: supported
         assert caplog.text == ""
+        # a GPU older than Ampere: the kernels' PTX does not build there
+        monkeypatch.setattr(run, "compute_capability", lambda device: (7, 0))
+        with pytest.raises(ConfigError, match=r"compute capability 7\.0 .* 8\.0 or newer; use kernel=hybrid or kernel=torch"):
+            check_kernel_runtime(compose_config(["kernel=twell", "model=small"]), gpu)
+        check_kernel_runtime(compose_config(["kernel=auto", "model=small"]), gpu)
+        assert "dense in training" in caplog.text and "dense in evaluation" in caplog.text
 
 
 def test_auto_keeps_layers_dense_where_the_kernels_cannot_run():
