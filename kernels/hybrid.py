@@ -286,8 +286,8 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     dwdt = torch.empty(d_ff, d_model, dtype=dt, device=dev)
     dx = torch.empty(n, d_model, dtype=dt, device=dev)
     if n > 0:
-        launch(_kernel("hy_transpose", dev, d_model, gated, dt), (wc, (nw + 7) // 8), (256,),
-               (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
+        launch(_kernel("hy_transpose", dev, d_model, gated, dt), ((wc + 3) // 4, (nw + 7) // 8), (256,),
+               (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))  # 4 = TR_BLOCKS in hybrid.cu
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item), in the
     # order hy_dw_plan writes (split units' parts by their place in the token order, then the rest)
