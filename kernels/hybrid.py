@@ -26,6 +26,7 @@ from sparse_llm.kernels.row_order import longest_first
 DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
 _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
+_TR_BLOCKS = 4  # = TR_BLOCKS in hybrid.cu: 32-token blocks per warp of hy_transpose
 # hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
 # values (for experiments/dw_pipeline_sweep.py) compile their own module
 DW_STAGES, DW_BATCH = 2, 6
@@ -101,17 +102,18 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
         return False
     if x.shape[0] >= 2**31 // max(d_model, d_ff):
         return False
-    from sparse_llm.kernels.loader import cupy_available
+    from sparse_llm.kernels.loader import capability_problem, cupy_available
 
-    return cupy_available() and device_properties(x.device).major >= 8  # the PTX needs Ampere or newer
+    props = device_properties(x.device)
+    return cupy_available() and capability_problem(props.major, props.minor) is None
 
 
 # ----------------------------------------------------------------------------------------------
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_from_twell", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw", "hy_dw_zero",
-                "hy_dw_finish", "hy_dx", "hy_transpose16")
+KERNEL_NAMES = ("hy_pack", "hy_from_twell", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw",
+                "hy_dw_zero", "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
 def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
@@ -286,8 +288,8 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     dwdt = torch.empty(d_ff, d_model, dtype=dt, device=dev)
     dx = torch.empty(n, d_model, dtype=dt, device=dev)
     if n > 0:
-        launch(_kernel("hy_transpose", dev, d_model, gated, dt), ((wc + 3) // 4, (nw + 7) // 8), (256,),
-               (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))  # 4 = TR_BLOCKS in hybrid.cu
+        launch(_kernel("hy_transpose", dev, d_model, gated, dt), (-(-wc // _TR_BLOCKS), (nw + 7) // 8), (256,),
+               (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item), in the
     # order hy_dw_plan writes (split units' parts by their place in the token order, then the rest)

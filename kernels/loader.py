@@ -101,6 +101,14 @@ def _device_properties(index: int):
     return torch.cuda.get_device_properties(index)
 
 
+def capability_problem(major: int, minor: int) -> str | None:
+    """Why a GPU of this compute capability cannot run the kernels, or None: their PTX (L2 cache hints,
+    cp.async, warp reductions) needs Ampere or newer."""
+    if major < 8:
+        return f"the GPU has compute capability {major}.{minor} and the kernels need 8.0 or newer"
+    return None
+
+
 def ptr(tensor: torch.Tensor | None) -> np.uint64:
     """A tensor's device address as a kernel argument (a null pointer for None)."""
     return np.uint64(0 if tensor is None else tensor.data_ptr())

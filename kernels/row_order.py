@@ -61,7 +61,8 @@ def longest_first(lengths: Tensor, threshold: Optional[int] = None) -> tuple[Ten
     order = torch.empty(n, dtype=torch.int32, device=dev)
     split = torch.empty((), dtype=torch.int32, device=dev)
     stride, limit = np.int64(lengths.stride(0)), np.int32(_NO_THRESHOLD if threshold is None else threshold)
-    launch(get_kernel(SOURCE, "ro_count", dev), (chunks,), (CHUNK,), (ptr(lengths), stride, np.int32(n), limit, ptr(hist)))
+    launch(get_kernel(SOURCE, "ro_count", dev), (chunks,), (CHUNK,),
+           (ptr(lengths), stride, np.int32(n), limit, ptr(hist)))
     launch(get_kernel(SOURCE, "ro_scatter", dev), (chunks,), (CHUNK,),
            (ptr(lengths), stride, np.int32(n), ptr(hist), ptr(order), ptr(split)))
     return order, (None if threshold is None else split)

@@ -649,10 +649,12 @@ def twell_ffn_op(x: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Te
     _check_shapes(x.shape[-1], w_gate, w_up, w_down_t, tile, slots)
     if x.is_cuda:
         _dtype_code(x.dtype)
-        major, minor = torch.cuda.get_device_capability(x.device)
-        if major < 8:
-            raise RuntimeError(f"the TwELL kernels need compute capability 8.0 or newer (Ampere, Hopper); "
-                               f"{x.device} has {major}.{minor}: run the FFN with kernel=torch")
+        from sparse_llm.kernels.loader import capability_problem, device_properties
+
+        props = device_properties(x.device)
+        old_gpu = capability_problem(props.major, props.minor)
+        if old_gpu:
+            raise RuntimeError(f"TwELL on {x.device}: {old_gpu}; run the FFN with kernel=torch")
         for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
             if w is not None and (w.dtype != x.dtype or w.device != x.device):
                 raise ValueError(f"{name} is {w.dtype} on {w.device}; x is {x.dtype} on {x.device}: they must match")

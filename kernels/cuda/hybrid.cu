@@ -1,7 +1,7 @@
 // Hybrid-format training kernels for the ReLU-gated (or plain ReLU) sparse FFN: exact forward and
 // backward over the active (token, unit) pairs only. See kernels/README_hybrid.md for the format.
 //
-//   g = X Wg^T (cuBLAS, outside), a = ReLU(g), u = x.Wu_j at active pairs, h = a*u, y = H Wd^T
+//   g = X Wg^T (outside: cuBLAS, or on Hopper twell_gate.cu with the TwELL pack), a = ReLU(g), u = x.Wu_j at active pairs, h = a*u, y = H Wd^T
 //   dh = dy.Wd_j + dl1*sign(h), du = dh*a, dg = dh*u (ReLU's derivative: the gate GEMM's sign, i.e.
 //   the bitmask, for every active pair), dX = dg Wg + du Wu,
 //   dWg = dg^T X, dWu = du^T X, dWd = dy^T H.
@@ -278,7 +278,7 @@ hy_from_twell(tw_u16* __restrict__ G, const int* __restrict__ counts, const tw_u
       for (int s = 0; s < count; ++s) {
         const tw_u32 v = __ldg(sl + s);
         const int col = (int)(v & 0xFFFFu), rank = first + s;
-        if (rank < W) ell_row[rank] = hy_f2(tw_to_float(v >> 16), 0.f);
+        if (rank < W) ell_row[rank] = hy_f2(tw_hi(v), 0.f);
         else grow[T * 256 + col] = (tw_u16)(v >> 16);
 #pragma unroll
         for (int w = 0; w < 8; ++w) word[w] |= (col >> 5) == w ? 1u << (col & 31) : 0u;

@@ -143,9 +143,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> tuple[Optional[str], Optional[str]]:
     """What the CUDA kernels need, checked before anything is built or written: CuPy, compute
-    capability 8.0+, bf16 / fp16 compute and an FFN shape they take. kernel=twell would fail at the first evaluation: an error.
-    kernel=hybrid would run its exact PyTorch reference at dense speed, and kernel=auto keeps such
-    layers dense (KernelRouting): warnings. Returns `kernel_problems(cfg)`."""
+    capability 8.0+, bf16 / fp16 compute and an FFN shape they take. kernel=twell would fail at the
+    first evaluation: an error. kernel=hybrid would run its exact PyTorch reference at dense speed, and
+    kernel=auto keeps such layers dense (KernelRouting): warnings. Returns `kernel_problems(cfg)` with
+    the GPU's own problem, if any."""
     kernel = cfg.kernel.name
     if kernel == "torch":
         return None, None
@@ -157,9 +158,10 @@ def check_kernel_runtime(cfg: TrainConfig, device: torch.device) -> tuple[Option
     except ImportError as error:
         raise ConfigError(f"kernel={kernel} needs CuPy on GPU machines ({error}); install it with "
                           f"pip install -e \".[gpu]\" (CUDA 12) or \".[gpu-cu13]\" (CUDA 13), or use kernel=torch") from error
-    major, minor = compute_capability(device)
-    if major < 8:  # their PTX (L2 cache hints, cp.async, warp reductions) needs Ampere or newer
-        old_gpu = f"the GPU has compute capability {major}.{minor} and the kernels need 8.0 or newer"
+    from sparse_llm.kernels.loader import capability_problem
+
+    old_gpu = capability_problem(*compute_capability(device))
+    if old_gpu:
         problems = (problems[0] or old_gpu, problems[1] or old_gpu)
     inference_problem, training_problem = problems
     if kernel == "twell" and inference_problem:

@@ -131,6 +131,9 @@ def test_kernels_the_shape_or_precision_rules_out_are_named_at_start(monkeypatch
             check_kernel_runtime(compose_config([f"kernel={kernel}", "model=small"]), gpu)  # d_model 512: supported
         assert caplog.text == ""
         # a GPU older than Ampere: the kernels' PTX does not build there
+        from sparse_llm.kernels.loader import capability_problem
+
+        assert capability_problem(8, 0) is None and capability_problem(9, 0) is None and capability_problem(7, 5)
         monkeypatch.setattr(run, "compute_capability", lambda device: (7, 0))
         with pytest.raises(ConfigError, match=r"compute capability 7\.0 .* 8\.0 or newer; use kernel=hybrid or kernel=torch"):
             check_kernel_runtime(compose_config(["kernel=twell", "model=small"]), gpu)
