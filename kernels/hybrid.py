@@ -27,26 +27,20 @@ DEFAULT_ELL_WIDTH = 128
 SOURCE = "hybrid.cu"
 _FWD_WARPS = 4  # = FWD_WARPS in hybrid.cu
 _TR_BLOCKS = 4  # = TR_BLOCKS in hybrid.cu: 32-token blocks per warp of hy_transpose
-# hy_dw's cp.async pipeline: stages, and tokens per batch (= HY_DW_NS, HY_DW_BT in hybrid.cu); other
-# values (for experiments/dw_pipeline_sweep.py) compile their own module
-DW_STAGES, DW_BATCH = 2, 6
-# hy_dw: a unit active on more tokens than this (by the forward's neuron counts) is split over
-# several CTAs of this many tokens each, so a unit that fires on most tokens does not become the
-# kernel's tail; the parts add float32 rows (order-dependent in the last bits).
+_DW_THREADS = 256  # = DW_CTA_WARPS * 32 in hybrid.cu: the dW passes' CTAs (a warp per item)
+# The dW passes (hy_dwy, hy_dwx): a unit active on more tokens than this (by the forward's neuron counts)
+# is split into items of this many tokens each, so a unit that fires on most tokens does not become
+# the passes' tail; the items add float32 rows (order-dependent in the last bits).
 DW_SPLIT_TOKENS = 512
-# hy_dw: the running items walk their units' tokens from a common position (hybrid.cu, "Token sweep"),
-# so that they read the same x and dy rows at about the same time; False (or the environment's
-# SPARSE_LLM_DW_SWEEP=0, for A/B runs of whole models) walks each from token 0.
-DW_SWEEP = os.environ.get("SPARSE_LLM_DW_SWEEP", "1") != "0"
-# hy_dw: the parts of split units run first, ordered by where they lie in their unit's token list, so
-# that the parts running together read nearby x and dy rows (hy_dw_plan); False (or the environment's
-# SPARSE_LLM_DW_PART_ORDER=0) runs every unit's items in unit order, among the one-item units.
-DW_PART_ORDER = os.environ.get("SPARSE_LLM_DW_PART_ORDER", "1") != "0"
+# The dW passes' shape (= HY_DWY_C, HY_DWY_DEPTH, HY_DWX_DEPTH in hybrid.cu): hy_dwy's 256-column chunks
+# a slice (the parts of dy.Wd_j stored per pair are d_model / 256 / that), and the tokens in each pass's
+# per-warp cp.async ring; other values (for experiments/dw_pass_shapes.py) compile their own modules.
+DW_PASS_SHAPE = (4, 4, 8)
 # hy_forward and hy_dx: up to SPLIT_ROWS rows with at least SPLIT_ROW_UNITS active units (the longest)
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
 SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
-BACKWARD_ELL_WIDTH = 2048  # floor of the (dg, du) ELL's width, see backward_ell_width
+BACKWARD_ELL_WIDTH = 1024  # ranks stored through the backward at 16 bytes a pair, see backward_ell_width
 ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
 # The gate GEMM: on Hopper, where the TwELL gate kernel takes the shape, the GEMM with the TwELL pack
 # in its epilogue (kernels/twell.py, twell_gate.cu) and hy_from_twell, instead of cuBLAS's G and
@@ -67,14 +61,33 @@ def resolve_ell_width(ell_width: Optional[int], d_ff: int) -> int:
     return min(width, max(d_ff, 1))
 
 
-def backward_ell_width(width: int, d_ff: int) -> int:
-    """Width of the (dg, du) ELL that hy_dw hands to hy_dx: wider than the saved (a, u) ELL, since it
-    lives only through one layer's backward (N x 2048 x 8 bytes: 268 MB at 16384 tokens), so that hy_dx
-    recomputes (three extra row reads and dot products a pair) only past BACKWARD_ELL_WIDTH units. The
-    first positions of a sequence reach thousands of units in models' deep layers, where hy_dx ran 4x
-    its usual time with 512 (experiments/dw_model.py; long_rows_ab.py: 22% of pairs past 512, hy_dx
-    1.12 -> 0.89 ms with 2048)."""
-    return max(width, min(BACKWARD_ELL_WIDTH, d_ff))
+def _dwy_chunks(d_model: int) -> int:
+    """256-column chunks of a hy_dwy slice (= DWY_C in hybrid.cu)."""
+    chunks, per_slice = d_model // 256, DW_PASS_SHAPE[0]
+    return per_slice if chunks % per_slice == 0 else 2 if chunks % 2 == 0 else 1
+
+
+def dwy_slices(d_model: int) -> int:
+    """Column slices of hy_dwy (= DWY_SLICES in hybrid.cu): the parts of dy_t.Wd_j stored per pair."""
+    return d_model // 256 // _dwy_chunks(d_model)
+
+
+def _dw_ring_bytes(d_model: int) -> tuple[int, int]:
+    """hy_dwy's and hy_dwx's dynamic shared memory: per warp a ring of DEPTH tokens' slices (16 bytes a
+    lane a chunk; hy_dwx's slices are 2 chunks, or 1 where d_model / 256 is odd)."""
+    chunks_x = 2 if (d_model // 256) % 2 == 0 else 1
+    per_chunk = _DW_THREADS * 16
+    return (DW_PASS_SHAPE[1] * _dwy_chunks(d_model) * per_chunk, DW_PASS_SHAPE[2] * chunks_x * per_chunk)
+
+
+def backward_ell_width(width: int, d_ff: int, d_model: int) -> int:
+    """WD, the ranks whose pairs the backward stores (hy_dwy's parts of dy.Wd_j, and (a, u) past the
+    saved ELL's `width`), in slots of 4 * dwy_slices + 8 bytes sized so that a token takes the bytes of
+    BACKWARD_ELL_WIDTH 16-byte slots (16 KB: 268 MB at 16384 tokens, for one layer's backward).
+    Pairs past WD are recomputed from the whole rows in every pass (exact, and slow): in models' deep
+    layers the first positions of a sequence reach thousands of units (experiments/dw_model.py)."""
+    slot_bytes = 4 * dwy_slices(d_model) + 8
+    return max(width, min(BACKWARD_ELL_WIDTH * 16 // slot_bytes, d_ff))
 
 
 def shape_problem(d_model: int, d_ff: int) -> Optional[str]:
@@ -112,8 +125,8 @@ def kernel_supported(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: 
 # CUDA launches
 
 
-KERNEL_NAMES = ("hy_pack", "hy_from_twell", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan", "hy_dw",
-                "hy_dw_zero", "hy_dw_finish", "hy_dx", "hy_transpose16")
+KERNEL_NAMES = ("hy_pack", "hy_from_twell", "hy_forward", "hy_rows_finish", "hy_transpose", "hy_dw_plan",
+                "hy_fill_au", "hy_dwy", "hy_dwx", "hy_dw_zero", "hy_dw_finish", "hy_dx", "hy_transpose16")
 
 
 def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> dict[str, int]:
@@ -123,8 +136,8 @@ def kernel_defines(name: str, d_model: int, gated: bool, dtype: torch.dtype) -> 
     defines = dict(HY_D=d_model, HY_GATED=int(gated), HY_DTYPE=0 if dtype == torch.bfloat16 else 1)
     if name == "hy_forward" and FWD_MIN_BLOCKS != 1:
         defines["HY_FWD_MINB"] = FWD_MIN_BLOCKS
-    if name == "hy_dw" and (DW_STAGES, DW_BATCH) != (2, 6):
-        defines.update(HY_DW_NS=DW_STAGES, HY_DW_BT=DW_BATCH)
+    if name in ("hy_dwy", "hy_dwx", "hy_dx") and DW_PASS_SHAPE != (4, 4, 8):
+        defines.update(zip(("HY_DWY_C", "HY_DWY_DEPTH", "HY_DWX_DEPTH"), DW_PASS_SHAPE))
     return defines
 
 
@@ -281,49 +294,54 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     nw, wc = ref.words(d_ff), (n + 31) // 32
     i32 = np.int32
     mcol = torch.empty(d_ff, wc, dtype=torch.int32, device=dev)
-    width_d = backward_ell_width(width, d_ff)
-    ell_d = torch.empty(n, width_d, 2, dtype=torch.float32, device=dev)
+    width_d = backward_ell_width(width, d_ff, d_model)
+    part_dot = torch.empty(n, width_d, dwy_slices(d_model), dtype=torch.float32, device=dev)
+    au = torch.empty(n, width_d if width_d > width else 0, 2, dtype=torch.float32, device=dev)
     dwg = torch.empty(d_ff, d_model, dtype=dt, device=dev)
     dwu = torch.empty(d_ff, d_model, dtype=dt, device=dev) if gated else None
     dwdt = torch.empty(d_ff, d_model, dtype=dt, device=dev)
     dx = torch.empty(n, d_model, dtype=dt, device=dev)
+    rows = _split_bound(n)
     if n > 0:
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (-(-wc // _TR_BLOCKS), (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
+        if width_d > width:
+            launch(_kernel("hy_fill_au", dev, d_model, gated, dt), _row_grid(n, rows), (_FWD_WARPS * 32,),
+                   (ptr(x), ptr(wg), ptr(w_up if gated else None), ptr(mrow), ptr(tprefix), ptr(au), ptr(order),
+                    ptr(split_rows), i32(rows), i32(n), i32(d_ff), i32(width), i32(width_d)))
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item), in the
-    # order hy_dw_plan writes (split units' parts by their place in the token order, then the rest)
+    # order hy_dw_plan writes (split units' parts first)
     part = max(DW_SPLIT_TOKENS, -(-n // 0xFFFF))  # a part's index has 16 bits in the order
     max_items = d_ff + (n * d_ff + part - 1) // part
-    plan = torch.empty(2 * d_ff + 4 + max_items, dtype=torch.int32, device=dev)
-    item_start = plan[:d_ff + 4]  # + the sweep's inputs (hy_dw_plan)
-    rank, dw_order = plan[d_ff + 4:2 * d_ff + 4], plan[2 * d_ff + 4:]
+    plan = torch.empty(2 * d_ff + 3 + max_items, dtype=torch.int32, device=dev)
+    item_start = plan[:d_ff + 3]  # + the two passes' item counters (hy_dw_plan zeroes them)
+    rank, dw_order = plan[d_ff + 3:2 * d_ff + 3], plan[2 * d_ff + 3:]
     launch(_kernel("hy_dw_plan", dev, d_model, gated, dt), (1,), (1024,),
-           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(rank), ptr(dw_order), i32(d_ff), i32(part),
-            i32(DW_PART_ORDER)))
+           (ptr(_c(neuron_counts.to(torch.int32))), ptr(item_start), ptr(rank), ptr(dw_order), i32(d_ff), i32(part)))
     acc = torch.empty(d_ff, 3, d_model, dtype=torch.float32, device=dev)  # rows of split units only
     launch(_kernel("hy_dw_zero", dev, d_model, gated, dt), (d_ff,), (threads,), (ptr(item_start), ptr(acc), i32(d_ff)))
     sms = device_properties(dev).multi_processor_count
-    grid = d_ff + 4 * sms  # items past d_ff: split units
-    dw = _kernel("hy_dw", dev, d_model, gated, dt)
-    dw_shared = DW_STAGES * DW_BATCH * 2 * threads * 16
-    sweep = sms * resident_blocks(dw, threads, dw_shared) if DW_SWEEP else 0
-    progress = item_start[d_ff + 2:d_ff + 3]  # the sweep's pair counter, zeroed by hy_dw_plan
-    launch(dw, (grid,), (threads,),
-           (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol),
-            ptr(tprefix), ptr(ell), ptr(dl1), ptr(ell_d), ptr(dwg), ptr(dwu), ptr(dwdt), ptr(item_start),
-            ptr(dw_order), ptr(acc), ptr(progress), i32(sweep), i32(part), i32(n),
-            i32(d_ff), i32(width), i32(width_d)),
-           shared_mem=dw_shared)
+    weights = (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(mcol), ptr(tprefix),
+               ptr(ell), ptr(au))
+    dims = (i32(part), i32(n), i32(d_ff), i32(width), i32(width_d))
+    ring_y, ring_x = _dw_ring_bytes(d_model)
+    dwy = _kernel("hy_dwy", dev, d_model, gated, dt)
+    launch(dwy, (sms * resident_blocks(dwy, _DW_THREADS, ring_y),), (_DW_THREADS,),
+           weights + (ptr(part_dot), ptr(dwdt), ptr(item_start), ptr(dw_order), ptr(plan[d_ff + 1:]), ptr(acc)) + dims,
+           shared_mem=ring_y)
+    dwx = _kernel("hy_dwx", dev, d_model, gated, dt)
+    launch(dwx, (sms * resident_blocks(dwx, _DW_THREADS, ring_x),), (_DW_THREADS,),
+           weights + (ptr(part_dot), ptr(dl1), ptr(dwg), ptr(dwu), ptr(item_start), ptr(dw_order),
+                      ptr(plan[d_ff + 2:]), ptr(acc)) + dims, shared_mem=ring_x)
     launch(_kernel("hy_dw_finish", dev, d_model, gated, dt), (d_ff,), (threads,),
            (ptr(item_start), ptr(acc), ptr(dwg), ptr(dwu), ptr(dwdt), i32(d_ff)))
     if n > 0:
-        rows = _split_bound(n)
         part_dx = torch.empty(rows, ROW_PARTS, d_model, dtype=torch.float32, device=dev)
         launch(_kernel("hy_dx", dev, d_model, gated, dt), _row_grid(n, rows), (_FWD_WARPS * 32,),
-               (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(ell_d),
-                ptr(dl1), ptr(dx), ptr(order), ptr(split_rows), ptr(part_dx), i32(rows), i32(n), i32(d_ff),
-                i32(width_d)))
+               (ptr(x), ptr(dy), ptr(wg), ptr(w_up if gated else None), ptr(wdt), ptr(mrow), ptr(ell), ptr(au),
+                ptr(part_dot), ptr(dl1), ptr(dx), ptr(order), ptr(split_rows), ptr(part_dx), i32(rows), i32(n),
+                i32(d_ff), i32(width), i32(width_d)))
         _finish_rows(part_dx, None, None, order, split_rows, dx, None, None, rows, ref.tiles(d_ff), gated)
     dwd = _transpose16(dwdt)
     if gated:

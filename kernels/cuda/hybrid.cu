@@ -14,12 +14,13 @@
 //                 for ranks < W, l1 per token, stats
 //   hy_rows_finish  adds the float32 parts of the long rows (y and stats, or dX)
 //   hy_transpose  mrow -> column bitmask mcol [FF, ceil(N/32)] (the neuron-major index)
-//   hy_dw         CTA per work item (a unit's tokens, split into parts where it fires on many):
-//                 dh, dg, du for its tokens, dWg_j, dWu_j, dWd^T_j (fp32 accumulation in
-//                 registers; the parts of a split unit add fp32 rows), and the ELL of (dg, du), WD wide
-//                 (WD >= W: it lives only through the backward)
 //   hy_dw_plan    work items per unit from the forward's neuron counts (one CTA, a scan), and the
-//                 order hy_dw takes them in
+//                 order the dW passes take them in
+//   hy_fill_au    (a, u) of the pairs of ranks in [W, WD) (rows past the saved ELL), for the backward
+//   hy_dwy        dW's dy pass, warp per (item, column slice): dWd^T_j and the slices' parts of
+//                 dy_t.Wd_j (PD, N x WD slots: it lives only through the backward)
+//   hy_dwx        dW's x pass: dh from PD, dg, du, and dWg_j, dWu_j (fp32 accumulation in registers;
+//                 the items of a split unit add fp32 rows)
 //   hy_dw_zero, hy_dw_finish  zero / write out the fp32 rows of the split units
 //   hy_dx         warp per token (long rows split): dX = sum_j dg Wg_j + du Wu_j
 // A pair whose rank in its row is >= W (a row past the ELL width) has no stored values: every
@@ -47,36 +48,9 @@
 constexpr int D = HY_D;             // d_model
 constexpr int NC = D / 256;         // 16-byte chunks per lane when a warp covers a row of D
 constexpr int FWD_WARPS = 4;        // tokens per CTA in hy_forward / hy_dx
-constexpr int DW_THR = D / 8;       // hy_dw: threads per CTA, 8 columns each
-constexpr int DW_WARPS = DW_THR / 32;
-#ifndef HY_DW_BT
-#define HY_DW_BT 6  // 2 x 6 beat 3 x 4 by 12-22% (NOTES_hybrid.md v13); 2 CTAs an SM fit up to 12 slices
-#endif
-#ifndef HY_DW_NS
-#define HY_DW_NS 2
-#endif
-constexpr int DW_BT = HY_DW_BT;     // hy_dw: tokens per batch (two barriers a batch)
-constexpr int DW_NS = HY_DW_NS;     // hy_dw: cp.async stages
-constexpr int DW_WPT = 4;           // hy_dw: column-bitmask words per thread per scan round
-constexpr int DW_CAP = 512;         // hy_dw: tokens listed in shared memory at a time
+constexpr int DW_THR = D / 8;       // hy_dw_zero / hy_dw_finish: threads per CTA, 8 columns each
 
 static_assert(D % 256 == 0 && D >= 256 && D <= 8192, "HY_D must be a multiple of 256 in [256, 8192]");
-
-// hy_dw: resident CTAs per SM asked of ptxas. Two where two CTAs' shared memory fits the SM (d_model
-// 2048 on Hopper), else one: asking for two where shared memory holds one only capped the registers
-// (spills from d_model 2304 up) and bought no occupancy.
-// (An underestimate only costs occupancy where registers would have allowed two CTAs.)
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900 || __CUDA_ARCH__ == 1000 || __CUDA_ARCH__ == 1030)
-constexpr int SM_SHARED_BYTES = 228 * 1024;
-#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
-constexpr int SM_SHARED_BYTES = 164 * 1024;
-#else
-constexpr int SM_SHARED_BYTES = 100 * 1024;  // sm_86, sm_89, sm_120 and others
-#endif
-constexpr int DW_CTA_SHARED = DW_NS * DW_BT * 2 * DW_THR * 16  // the cp.async stages (dynamic)
-                              + DW_CAP * 20 + DW_WARPS * (3 * DW_BT + 1) * 4 + DW_BT * 12 + 20  // hy_dw's static arrays
-                              + 1024;  // reserved by the system per CTA
-constexpr int DW_MINB = 2 * DW_CTA_SHARED <= SM_SHARED_BYTES ? 2 : 1;
 
 // ---------------------------------------------------------------------------------------------
 // element conversions (16-bit patterns)
@@ -595,131 +569,200 @@ hy_rows_finish(const float* __restrict__ part, const float* __restrict__ part_l1
 }
 
 // ---------------------------------------------------------------------------------------------
-// hy_dx: dX_t = sum over active j of dg_tj * WG_j + du_tj * WU_j; warp per token, long rows split
-// as hy_forward's. (dg, du) come from ell_d for ranks < W (here: hy_dw's WD), else they are
-// recomputed exactly as hy_dw does.
-
-// acc += the pairs of row t in the words w with w % step == sel (hy_row_pairs)
-__device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const tw_u16* __restrict__ X,
-                                          const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
-                                          const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT,
-                                          const tw_u32* __restrict__ mrow, const float2* __restrict__ ell_d,
-                                          float dl1, int nw, int W) {
-  const int lane = threadIdx.x & 31;
-  const tw_u64 pol_w = tw_policy_keep();
-  const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
-  const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
-  hy_row_pairs(mrow + (size_t)t * nw, nw, sel, step, [&](const int j, const int rank) {
-    float dg, du;
-    if (rank < W) {
-      const float2 e = __ldg(ell_d + (size_t)t * W + rank);
-      dg = e.x;
-      du = e.y;
-    } else {
-      // overflow pair: recompute g, u, dh from x, dy and the unit's weight rows
-      const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
-      const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
-      float pd = 0.f, pg = 0.f;
-#pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
-        pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
-      }
+// The backward's per-pair quantities. A pair (t, j) needs pd = dy_t.Wd_j (all of it), a and u; from
+// them (ReLU's derivative is the bitmask's, the bf16 gate GEMM's sign, for every active pair, also
+// for a recomputed one whose float32 pre-activation rounds to <= 0: as bf16 autograd does):
+struct hy_coef {
+  float dg, du, h;
+};
+__device__ __forceinline__ hy_coef hy_pair_coef(float pd, float a, float u, float dl1) {
+  hy_coef c;
 #if HY_GATED
-      const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
-      float pu = 0.f;
-#pragma unroll
-      for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
-      pu = hy_warp_sum(pu);
-#endif
-      pd = hy_warp_sum(pd);
-      pg = hy_warp_sum(pg);
-      const float a = fmaxf(pg, 0.f);
-#if HY_GATED
-      const float h = a * pu;
-      const float dh = pd + dl1 * hy_sign(h);
-      du = dh * a;
-      dg = dh * pu;  // the pair is active by the gate GEMM's sign (the bitmask), whatever pg's
+  c.h = a * u;
+  const float dh = pd + dl1 * hy_sign(c.h);
+  c.du = dh * a;
+  c.dg = dh * u;
 #else
-      const float dh = pd + dl1 * hy_sign(a);
-      dg = dh;
-      du = 0.f;
-      (void)du;
+  (void)u;
+  c.h = a;
+  c.dg = pd + dl1 * hy_sign(c.h);
+  c.du = 0.f;
 #endif
-    }
-    const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
-#if HY_GATED
-    const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
-    uint4 wg[NC], wu[NC];
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
-      wu[c] = tw_ld16(wur + c * 32 + lane, pol_w);
-    }
-#pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      hy_axpy8(acc[c], dg, wg[c]);
-      hy_axpy8(acc[c], du, wu[c]);
-    }
-#else
-    uint4 wg[NC];
-#pragma unroll
-    for (int c = 0; c < NC; ++c) wg[c] = tw_ld16(wgr + c * 32 + lane, pol_w);
-#pragma unroll
-    for (int c = 0; c < NC; ++c) hy_axpy8(acc[c], dg, wg[c]);
-#endif
-  });
+  return c;
 }
 
-// d_model <= 512: ask ptxas for 4 resident CTAs (left alone it settles on 40 registers and a small
-// spill at 256); larger: its own choice (about 150 registers at 2048, 3 CTAs an SM) beats any cap.
-#if HY_D <= 512
-#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32, 4)
-#else
-#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32)
-#endif
-extern "C" __global__ void HY_DX_BOUNDS
-hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
-      const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
-      const float2* __restrict__ ell_d, const float* __restrict__ dl1p, tw_u16* __restrict__ DX,
-      const int* __restrict__ order, const int* __restrict__ split_count, float* __restrict__ part_dx, int R,
-      int N, int FF, int W) {
+// The exact path of a pair with nothing stored: x_t.WG_j, x_t.WU_j (gated) and, given dy's row,
+// dy_t.WD_j, over the whole row by the whole warp (lane l: columns (c*32 + l)*8 .. +7). Rolled (Unroll
+// 1) where it is a rare path beside a kernel's accumulators, whose registers it would otherwise take.
+struct hy_dots {
+  float g, u, d;
+};
+template <int Unroll = NC>
+__device__ __forceinline__ hy_dots hy_pair_dots(const uint4* __restrict__ xrow, const uint4* __restrict__ dyrow,
+                                                const tw_u16* __restrict__ WG, const tw_u16* __restrict__ WU,
+                                                const tw_u16* __restrict__ WDT, int j) {
   const int lane = threadIdx.x & 31;
-  const hy_work work = hy_row_work(order, split_count, R, N);
-  if (work.t < 0) return;
-  float acc[NC][8];
-  hy_zero_acc(acc);
-  hy_dx_row(acc, work.t, work.part < 0 ? 0 : work.part, work.part < 0 ? 1 : ROW_PARTS, X, DY, WG, WU, WDT, mrow,
-            ell_d, __ldg(dl1p), FF >> 5, W);
-  if (work.part >= 0) {
-    hy_store_part(part_dx + ((size_t)work.index * ROW_PARTS + work.part) * D, acc);
-    return;
+  const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+  float pg = 0.f, pu = 0.f, pd = 0.f;
+#pragma unroll Unroll
+  for (int c = 0; c < NC; ++c) pg += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wgr + c * 32 + lane));
+#if HY_GATED
+  const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+#pragma unroll Unroll
+  for (int c = 0; c < NC; ++c) pu += hy_dot8(__ldg(xrow + c * 32 + lane), __ldg(wur + c * 32 + lane));
+  pu = hy_warp_sum(pu);
+#endif
+  if (dyrow != nullptr) {
+    const uint4* wdr = reinterpret_cast<const uint4*>(WDT + (size_t)j * D);
+#pragma unroll Unroll
+    for (int c = 0; c < NC; ++c) pd += hy_dot8(__ldg(dyrow + c * 32 + lane), __ldg(wdr + c * 32 + lane));
+    pd = hy_warp_sum(pd);
   }
-  const tw_u64 pol_s = tw_policy_stream();
-  uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)work.t * D);
-#pragma unroll
-  for (int c = 0; c < NC; ++c) tw_st16(dxrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
+  hy_dots r;
+  r.g = hy_warp_sum(pg);
+  r.u = pu;
+  r.d = pd;
+  return r;
 }
 
 // ---------------------------------------------------------------------------------------------
-// hy_dw: CTA per work item, DW_THR threads, thread i owns columns 8i .. 8i+7. An item is unit j's
-// tokens with list positions [k*S, (k+1)*S) (the last item of a unit takes all the rest): a unit
-// firing on many tokens is split over several CTAs instead of making one CTA the whole kernel's
-// tail. The unit's tokens come from its column bitmask, DW_CAP at a time; x_t and dy_t slices
-// stream through a DW_NS-stage cp.async pipeline into thread-private shared memory, DW_BT tokens
-// a batch. A unit of one item writes its dW rows; the items of a split unit add float32 partial
-// rows into ACC (zeroed by hy_dw_zero) and hy_dw_finish writes those units' rows.
-// Token sweep (`sweep` > 0, the number of CTAs running at once): x and dy (N x 4 KB each at d 2048)
-// do not fit L2, and every unit's tokens are spread over all N. Walked from token 0, the running
-// items drift apart and read all of x and dy at once. So a one-item unit starts its walk at the
-// token where the running items are now: the position a walk would have reached if every item had
-// started at the kernel's start, i.e. the pairs the one-item walks have done (`progress`) over the
-// pairs all CTAs do in the time of one walk (sweep x the mean pairs of a one-item unit), modulo 1,
-// times N; it then wraps around. The running items so walk through the same tokens together. Only the order
-// changes: every token of the unit is still visited once. Split units cannot sweep (a part is a fixed
-// range of its unit's token list); hy_dw_plan puts their parts first, ordered by where each lies in
-// its unit's list, so that the parts running together read rows of nearby tokens: in the 2B model's
-// layers (a hundred units on 512 to all 16384 tokens) hy_dw went from 1.09-1.32 ms to 0.90-0.98 ms.
+// dW in two passes over column slices. hy_dwy (the dy pass) takes slices of DWY_C chunks of 256
+// columns: for each pair of its unit it adds h * dy_t's slice to dWd^T_j's and writes the slice's part
+// of dy_t.Wd_j into PD; hy_dwx (the x pass) sums the parts to dh, derives dg and du, and adds dg x_t,
+// du x_t into dWg_j, dWu_j's slice of DWX_C chunks. A warp takes an item (a unit's tokens, or a part
+// of them for a unit that fires on many) and a slice; the items run slice by slice (the item index's
+// outer part), so the warps running at once read one slice of dy or x (N x 512 bytes at 256 columns
+// a chunk): it stays in L2, where the one-pass kernel, a CTA per unit over whole rows, read all of x
+// and dy from DRAM once per wave of running units and needed a CTA-wide reduction per token.
+// The store (N x WD slots; WD >= W lives only through the backward): PD [N][WD][DWY_SLICES] and, for
+// ranks in [W, WD), AU [N][WD] = (a, u) written beforehand by hy_fill_au. Past WD every pass
+// recomputes a pair from x, dy and the weight rows (hy_pair_dots): exact, and rare (rows of > WD units).
+
+#ifndef HY_DWY_C
+#define HY_DWY_C 4
+#endif
+constexpr int DWY_C = NC % HY_DWY_C == 0 ? HY_DWY_C : (NC % 2 == 0 ? 2 : 1);
+constexpr int DWY_SLICES = NC / DWY_C;
+constexpr int DWX_C = NC % 2 == 0 ? 2 : 1;
+constexpr int DWX_SLICES = NC / DWX_C;
+#ifndef HY_DWY_DEPTH
+#define HY_DWY_DEPTH 4
+#endif
+#ifndef HY_DWX_DEPTH
+#define HY_DWX_DEPTH 8
+#endif
+constexpr int DWY_DEPTH = HY_DWY_DEPTH;  // tokens in a warp's cp.async ring (a power of two)
+constexpr int DWX_DEPTH = HY_DWX_DEPTH;
+static_assert((DWY_DEPTH & (DWY_DEPTH - 1)) == 0 && (DWX_DEPTH & (DWX_DEPTH - 1)) == 0, "ring depths: powers of two");
+constexpr int DW_LIST = 64;      // a warp's token list (shared memory), handled lane-parallel 32 at a time
+constexpr int DW_CTA_WARPS = 8;
+// Resident CTAs per SM asked of ptxas, so 128 registers (hy_dwx spilled with 3). On sm_80 its code for
+// the same source needs more and spilled (hy_dwy 144 bytes), so there it gets its own choice.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int DWY_MINB = 2, DWX_MINB = 2;
+#else
+constexpr int DWY_MINB = 1, DWX_MINB = 1;
+#endif
+
+// hy_fill_au: (a, u) of every pair with rank in [W, WD), token-major as hy_dx (long rows split).
+extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
+hy_fill_au(const tw_u16* __restrict__ X, const tw_u16* __restrict__ WG, const tw_u16* __restrict__ WU,
+           const tw_u32* __restrict__ mrow, const int* __restrict__ tprefix, float2* __restrict__ AU,
+           const int* __restrict__ order, const int* __restrict__ split_count, int R, int N, int FF, int W,
+           int WD) {
+  const int lane = threadIdx.x & 31;
+  const hy_work work = hy_row_work(order, split_count, R, N);
+  if (work.t < 0) return;
+  const int t = work.t, nw = FF >> 5, nt = (FF + 255) >> 8;
+  const tw_u32* mr = mrow + (size_t)t * nw;
+  const int q = (nt - 1) * 8 + lane;  // the last tile's words, then its prefix: the row's count
+  const int last = (lane < 8 && q < nw) ? __popc(__ldg(mr + q)) : 0;
+  const int count = __ldg(tprefix + (size_t)t * nt + nt - 1) + __shfl_sync(TW_FULL_MASK, tw_warp_scan(last, lane), 31);
+  if (count <= W) return;
+  const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
+  hy_row_pairs(mr, nw, work.part < 0 ? 0 : work.part, work.part < 0 ? 1 : ROW_PARTS, [&](const int j, const int rank) {
+    if (rank < W || rank >= WD) return;
+    const hy_dots p = hy_pair_dots(xrow, nullptr, WG, WU, nullptr, j);
+    if (lane == 0) AU[(size_t)t * WD + rank] = hy_f2(fmaxf(p.g, 0.f), p.u);
+  });
+}
+
+// The tokens of list positions [lo, hi) of a unit (its column bitmask mc, WC words), ascending,
+// DW_LIST at a time through the warp's shared list: batch(n) sees list[0 .. n).
+template <class Batch>
+__device__ __forceinline__ void hy_item_tokens(const tw_u32* __restrict__ mc, int WC, int lo, int hi,
+                                               int* list, Batch&& batch) {
+  const int lane = threadIdx.x & 31;
+  constexpr int AHEAD = 4;  // chunks of 32 words loaded at once
+  int seen = 0, len = 0;    // list positions before this chunk; tokens in the list
+  for (int wb0 = 0; wb0 < WC && seen < hi; wb0 += 32 * AHEAD) {
+    tw_u32 words[AHEAD];
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+      const int w = wb0 + a * 32 + lane;
+      words[a] = w < WC ? __ldg(mc + w) : 0u;
+    }
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+      const tw_u32 word = words[a];
+      const int cnt = __popc(word);
+      const int incl = tw_warp_scan(cnt, lane);
+      const int total = __shfl_sync(TW_FULL_MASK, incl, 31);
+      int p0 = max(lo - seen, 0);
+      const int p1 = min(hi - seen, total);
+      while (p0 < p1) {  // in-chunk positions [p0, p0 + take) go to the list
+        const int take = min(p1 - p0, DW_LIST - len);
+        int p = incl - cnt;
+        if (p < p0 + take && p + cnt > p0) {
+          const int base = (wb0 + a * 32 + lane) << 5;
+          for (tw_u32 w = word; w != 0u; w &= w - 1u, ++p)
+            if (p >= p0 && p < p0 + take) list[len + p - p0] = base + __ffs(w) - 1;
+        }
+        __syncwarp();
+        len += take;
+        p0 += take;
+        if (len == DW_LIST) {
+          batch(len);
+          __syncwarp();
+          len = 0;
+        }
+      }
+      seen += total;
+    }
+  }
+  if (len > 0) batch(len);
+  __syncwarp();
+}
+
+// A warp's next (item, slice), slice-major, from the counter that hy_dw_plan zeroed.
+struct hy_dw_item {
+  int unit, lo, hi, slice;
+  bool split;
+};
+__device__ __forceinline__ bool hy_next_item(int* counter, const int* __restrict__ item_start,
+                                             const int* __restrict__ order, int FF, int slices, int S,
+                                             hy_dw_item& it) {
+  int i = 0;
+  if ((threadIdx.x & 31) == 0) i = atomicAdd(counter, 1);
+  i = __shfl_sync(TW_FULL_MASK, i, 0);
+  const int n_items = __ldg(item_start + FF);
+  if (i >= n_items * slices) return false;
+  it.slice = i / n_items;
+  const unsigned e = (unsigned)__ldg(order + (i - it.slice * n_items));
+  it.unit = (int)(e >> 16);
+  const int k = (int)(e & 0xFFFFu);
+  const int parts = __ldg(item_start + it.unit + 1) - __ldg(item_start + it.unit);
+  it.lo = k * S;
+  it.hi = k == parts - 1 ? 0x7FFFFFFF : (k + 1) * S;
+  it.split = parts > 1;
+  return true;
+}
+
+// Token k's value of a per-lane pair (lanes hold tokens lane and lane + 32 of the list); k is warp-uniform.
+template <class T>
+__device__ __forceinline__ T hy_of_token(const T (&v)[2], int k) {
+  return __shfl_sync(TW_FULL_MASK, (k >> 5) ? v[1] : v[0], k & 31);
+}
 
 __device__ __forceinline__ tw_u32 hy_smem_addr(const void* p) {
   tw_u32 r;
@@ -735,366 +778,352 @@ __device__ __forceinline__ void hy_cp_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
 }
 
-// Bitmask word at position `wr` of a walk that starts at word `first` and wraps around at WC.
-__device__ __forceinline__ int hy_walk_word(int wr, int first, int WC) {
-  return wr + first < WC ? wr + first : wr + first - WC;
+// The slices (C 16-byte chunks a lane from chunk q0 on) of the rows of a batch's n tokens through the
+// warp's cp.async ring of DEPTH tokens (DEPTH - 1 in flight): consume(k, chunks) for k = 0 .. n - 1 in
+// order. Each lane copies and reads back only its own chunks, so cp.async.wait_group is all the
+// synchronisation there is. (Loads into registers, a few tokens at a time, left a warp waiting on L2
+// once per group: 0.41 + 0.60 ms for the two passes at 99.5%.)
+template <int C, int DEPTH, class Consume>
+__device__ __forceinline__ void hy_ring_tokens(const uint4* __restrict__ rows, const int (&tok)[2], int n, int q0,
+                                               uint4* ring, Consume&& consume) {
+  const int lane = threadIdx.x & 31;
+  auto issue = [&](const int k) {
+    if (k < n) {
+      const uint4* src = rows + (size_t)hy_of_token(tok, k) * (D / 8) + q0 * 32 + lane;
+      uint4* dst = ring + (k & (DEPTH - 1)) * C * 32 + lane;
+#pragma unroll
+      for (int c = 0; c < C; ++c) hy_cp16(dst + c * 32, src + c * 32);
+    }
+    hy_cp_commit();
+  };
+#pragma unroll
+  for (int k = 0; k < DEPTH - 1; ++k) issue(k);
+  for (int k = 0; k < n; ++k) {
+    issue(k + DEPTH - 1);
+    hy_cp_wait<DEPTH - 1>();
+    const uint4* slot = ring + (k & (DEPTH - 1)) * C * 32 + lane;
+    uint4 q[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) q[c] = slot[c * 32];
+    consume(k, q);
+  }
 }
 
-extern "C" __global__ void __launch_bounds__(DW_THR, DW_MINB)
-hy_dw(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
-      const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
-      const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
-      const float* __restrict__ dl1p, float2* __restrict__ ell_d, tw_u16* __restrict__ DWG,
-      tw_u16* __restrict__ DWU, tw_u16* __restrict__ DWDT, const int* __restrict__ item_start,
-      const int* __restrict__ order, float* __restrict__ ACC, int* __restrict__ progress, int sweep, int S, int N,
-      int FF, int W, int WD) {
-  extern __shared__ uint4 s_buf[];  // [DW_NS][DW_BT][2][DW_THR]: x then dy slices
-  __shared__ int s_tok[DW_CAP];
-  __shared__ unsigned s_row[DW_CAP];  // t * D / 8: the token's row in 16-byte units (N * D < 2^31)
-  __shared__ int s_rank[DW_CAP];
-  __shared__ float2 s_au[DW_CAP];
-  __shared__ float s_part[DW_WARPS][3 * DW_BT];
-  __shared__ float s_coef[DW_BT][3];
-  __shared__ int s_wsum[DW_WARPS];
-  volatile __shared__ int s_range[5];  // lo, hi, items of the unit, unit, first word of the walk
+// A slice's columns of a unit's fp32 row: written out (one-item units) or added into ACC (split units,
+// hy_dw_finish writes those).
+template <int C>
+__device__ __forceinline__ void hy_dw_out(const float (&acc)[C][8], int q0, bool split, tw_u16* __restrict__ out,
+                                          float* __restrict__ acc_row) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    const int col = ((q0 + c) * 32 + lane) * 8;
+    if (split) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) atomicAdd(acc_row + col + e, acc[c][e]);
+    } else {
+      tw_st16(out + col, hy_pack8(acc[c]), tw_policy_stream());
+    }
+  }
+}
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+// hy_dwy: dWd^T_j's slice and the slice's parts of dy_t.Wd_j.
+extern "C" __global__ void __launch_bounds__(DW_CTA_WARPS * 32, DWY_MINB)
+hy_dwy(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+       const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+       const float2* __restrict__ AU, float* __restrict__ PD, tw_u16* __restrict__ DWDT,
+       const int* __restrict__ item_start, const int* __restrict__ order, int* counter, float* __restrict__ ACC,
+       int S, int N, int FF, int W, int WD) {
+  __shared__ int s_list[DW_CTA_WARPS][DW_LIST];
+  extern __shared__ uint4 s_ring[];  // [DW_CTA_WARPS][DWY_DEPTH][DWY_C][32]
+  const int lane = threadIdx.x & 31;
+  int* list = s_list[threadIdx.x >> 5];
+  uint4* ring = s_ring + (threadIdx.x >> 5) * DWY_DEPTH * DWY_C * 32;
   const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
-  // dl1, the L2 policy and the item count are re-read where used: hy_dw is at its register limit
-
-#pragma unroll 1
-  for (int item = blockIdx.x; item < __ldg(item_start + FF); item += gridDim.x) {
-  if (tid == 0) {  // unit and list positions [lo, hi) of this item, in shared memory (registers are short)
-    const unsigned e = (unsigned)__ldg(order + item);
-    const int unit = (int)(e >> 16), k_item = (int)(e & 0xFFFFu);
-    const int n_items = __ldg(item_start + unit + 1) - __ldg(item_start + unit);
-    s_range[0] = k_item * S;
-    s_range[1] = (k_item == n_items - 1) ? 0x7FFFFFFF : (k_item + 1) * S;
-    s_range[2] = n_items;
-    s_range[3] = unit;
-    int first_word = 0;
-    if (sweep > 0 && n_items == 1) {  // split units keep token order: their items share one list
-      // a one-item walk covers all N tokens in the time its CTA does its unit's pairs: the mean over
-      // the one-item units (split units' longer items would make the phase lag the walks)
-      const float per_item = (float)__ldg(item_start + FF + 1) / (float)max(__ldg(item_start + FF + 3), 1);
-      float phase = (float)*(volatile int*)progress / fmaxf((float)sweep * per_item, 1.f);
-      phase -= floorf(phase);
-      first_word = min((int)(phase * (float)WC), WC - 1);
+  const uint4* dy4 = reinterpret_cast<const uint4*>(DY);
+  hy_dw_item it;
+  while (hy_next_item(counter, item_start, order, FF, DWY_SLICES, S, it)) {
+    const int j = it.unit, q0 = it.slice * DWY_C;
+    float wd[DWY_C][8], acc[DWY_C][8];
+#pragma unroll
+    for (int c = 0; c < DWY_C; ++c) {
+      hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + (q0 + c) * 32 + lane,
+                         tw_policy_stream()), wd[c]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[c][e] = 0.f;
     }
-    s_range[4] = first_word;
-  }
-  __syncthreads();
-  const int j = s_range[3];
-
-  // wd is used for every token; wg and wu only to recompute pairs past the ELL width: kept packed
-  float wd[8];
-  hy_unpack8(tw_ld16(reinterpret_cast<const uint4*>(WDT + (size_t)j * D) + tid, tw_policy_stream()), wd);
-  const uint4 wgq = tw_ld16(reinterpret_cast<const uint4*>(WG + (size_t)j * D) + tid, tw_policy_stream());
+    hy_item_tokens(mcol + (size_t)j * WC, WC, it.lo, it.hi, list, [&](const int n) {
+      int tok[2], rank[2];  // rank >= WD: nothing stored, recomputed
+      float h[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int k = lane + 32 * i;
+        tok[i] = 0;
+        rank[i] = 0;
+        h[i] = 0.f;
+        if (k < n) {
+          const int t = list[k];
+          const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
+          float2 e = hy_f2(0.f, 0.f);
+          if (r < W) e = __ldg(ell + (size_t)t * W + r);
+          else if (r < WD) e = __ldg(AU + (size_t)t * WD + r);
+          tok[i] = t;
+          rank[i] = r;
 #if HY_GATED
-  const uint4 wuq = tw_ld16(reinterpret_cast<const uint4*>(WU + (size_t)j * D) + tid, tw_policy_stream());
-  float au[8];
+          h[i] = e.x * e.y;
+#else
+          h[i] = e.x;
 #endif
-  float ag[8], ad[8];
+        }
+      }
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    ag[k] = 0.f;
-    ad[k] = 0.f;
-#if HY_GATED
-    au[k] = 0.f;
-#endif
+      for (int i = 0; i < 2; ++i) {  // pairs past WD: (a, u) from the whole rows
+        for (tw_u32 redo = __ballot_sync(TW_FULL_MASK, lane + 32 * i < n && rank[i] >= WD); redo; redo &= redo - 1u) {
+          const int src = __ffs(redo) - 1;
+          const int ts = __shfl_sync(TW_FULL_MASK, tok[i], src);
+          const hy_dots p = hy_pair_dots<1>(reinterpret_cast<const uint4*>(X + (size_t)ts * D), nullptr, WG, WU,
+                                            nullptr, j);
+          const hy_coef c = hy_pair_coef(0.f, fmaxf(p.g, 0.f), p.u, 0.f);
+          if (lane == src) h[i] = c.h;
+        }
+      }
+      hy_ring_tokens<DWY_C, DWY_DEPTH>(dy4, tok, n, q0, ring, [&](const int k, const uint4 (&q)[DWY_C]) {
+        const float hk = hy_of_token(h, k);
+        float p = 0.f;
+#pragma unroll
+        for (int c = 0; c < DWY_C; ++c) {
+          float f[8];
+          hy_unpack8(q[c], f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            p = fmaf(f[e], wd[c][e], p);
+            acc[c][e] = fmaf(hk, f[e], acc[c][e]);
+          }
+        }
+        p = hy_warp_sum(p);
+        if (lane == (k & 31)) {
+          const int t = (k >> 5) ? tok[1] : tok[0], r = (k >> 5) ? rank[1] : rank[0];
+          if (r < WD) PD[((size_t)t * WD + r) * DWY_SLICES + it.slice] = p;
+        }
+      });
+    });
+    hy_dw_out<DWY_C>(acc, q0, it.split, DWDT + (size_t)j * D, ACC + ((size_t)j * 3 + 2) * D);
   }
+}
 
-  const tw_u32* mc = mcol + (size_t)j * WC;
-  int seen = 0;  // tokens of unit j in earlier rounds
-#pragma unroll 1
-  for (int cw = 0; cw < WC && seen < s_range[1]; cw += DW_THR * DW_WPT) {
-    // ---- this round's words: thread i holds words cw + i*DW_WPT .. +DW_WPT-1 (ascending tokens)
-    tw_u32 words[DW_WPT];
-    int cnt = 0;
+// hy_dwx: dWg_j's and dWu_j's slices from dh = the sum of PD's parts + dl1 sign(h).
+extern "C" __global__ void __launch_bounds__(DW_CTA_WARPS * 32, DWX_MINB)
+hy_dwx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+       const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+       const tw_u32* __restrict__ mcol, const int* __restrict__ tprefix, const float2* __restrict__ ell,
+       const float2* __restrict__ AU, const float* __restrict__ PD, const float* __restrict__ dl1p,
+       tw_u16* __restrict__ DWG, tw_u16* __restrict__ DWU, const int* __restrict__ item_start,
+       const int* __restrict__ order, int* counter, float* __restrict__ ACC, int S, int N, int FF, int W, int WD) {
+  __shared__ int s_list[DW_CTA_WARPS][DW_LIST];
+  extern __shared__ uint4 s_ring[];  // [DW_CTA_WARPS][DWX_DEPTH][DWX_C][32]
+  const int lane = threadIdx.x & 31;
+  int* list = s_list[threadIdx.x >> 5];
+  uint4* ring = s_ring + (threadIdx.x >> 5) * DWX_DEPTH * DWX_C * 32;
+  const int nw = FF >> 5, nt = (FF + 255) >> 8, WC = (N + 31) >> 5;
+  const float dl1 = __ldg(dl1p);
+  const uint4* x4 = reinterpret_cast<const uint4*>(X);
+  hy_dw_item it;
+  while (hy_next_item(counter, item_start, order, FF, DWX_SLICES, S, it)) {
+    const int j = it.unit, q0 = it.slice * DWX_C;
+    float ag[DWX_C][8];
+#if HY_GATED
+    float au[DWX_C][8];
+#endif
 #pragma unroll
-    for (int q = 0; q < DW_WPT; ++q) {
-      const int wr = cw + tid * DW_WPT + q;  // position in the walk
-      words[q] = (wr < WC) ? __ldg(mc + hy_walk_word(wr, s_range[4], WC)) : 0u;
-      cnt += __popc(words[q]);
-    }
-    int incl = tw_warp_scan(cnt, lane);
-    __syncthreads();  // previous round's s_wsum reads are done
-    if (lane == 31) s_wsum[warp] = incl;
-    __syncthreads();
-    int off = incl - cnt, total = 0;
+    for (int c = 0; c < DWX_C; ++c)
 #pragma unroll
-    for (int w = 0; w < DW_WARPS; ++w) {
-      const int s = s_wsum[w];
-      if (w < warp) off += s;
-      total += s;
-    }
-    // this item's part of the round: round positions [first, last)
-    const int first = s_range[0] - seen > 0 ? s_range[0] - seen : 0;
-    const int last = hy_min(total, s_range[1] - seen);
-    seen += total;
-    // ---- the item's tokens of the round, DW_CAP at a time, into s_tok with their ranks in s_rank
-    for (int base = first; base < last; base += DW_CAP) {
-      const int m = hy_min(DW_CAP, last - base);
-      __syncthreads();  // previous list fully consumed
-      if (off < base + m && off + cnt > base) {
-        int p = off;
+      for (int e = 0; e < 8; ++e) {
+        ag[c][e] = 0.f;
+#if HY_GATED
+        au[c][e] = 0.f;
+#endif
+      }
+    hy_item_tokens(mcol + (size_t)j * WC, WC, it.lo, it.hi, list, [&](const int n) {
+      int tok[2];
+      float dg[2], du[2];
+      bool redo[2];
 #pragma unroll
-        for (int q = 0; q < DW_WPT; ++q) {
-          tw_u32 wq = words[q];
-          const int wi = hy_walk_word(cw + tid * DW_WPT + q, s_range[4], WC);
-          while (wq) {
-            const int bit = __ffs(wq) - 1;
-            wq &= wq - 1u;
-            if (p >= base && p < base + m) s_tok[p - base] = (wi << 5) + bit;
-            ++p;
+      for (int i = 0; i < 2; ++i) {
+        const int k = lane + 32 * i;
+        tok[i] = 0;
+        dg[i] = du[i] = 0.f;
+        redo[i] = false;
+        if (k < n) {
+          const int t = list[k];
+          const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
+          tok[i] = t;
+          if (r < WD) {
+            const size_t slot = (size_t)t * WD + r;
+            float pd = 0.f;
+#pragma unroll
+            for (int s = 0; s < DWY_SLICES; ++s) pd += __ldg(PD + slot * DWY_SLICES + s);
+            const float2 e = r < W ? __ldg(ell + (size_t)t * W + r) : __ldg(AU + slot);
+            const hy_coef c = hy_pair_coef(pd, e.x, e.y, dl1);
+            dg[i] = c.dg;
+            du[i] = c.du;
+          } else {
+            redo[i] = true;
           }
         }
       }
-      __syncthreads();
-      for (int k = tid; k < m; k += DW_THR) {
-        const int t = s_tok[k];
-        const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
-        s_row[k] = (unsigned)t * (unsigned)(D / 8);
-        s_rank[k] = r;
-        s_au[k] = (r < W) ? __ldg(ell + (size_t)t * W + r) : hy_f2(0.f, 0.f);
-      }
-      __syncthreads();
-    // ---- batches of DW_BT tokens through the cp.async pipeline
-    const int nb = (m + DW_BT - 1) / DW_BT;
-    // the address arithmetic of these copies was a fifth of the kernel's instructions: row offsets
-    // come precomputed from s_row, and this thread's slice of row 0 is the base
-    const uint4* x_slice = reinterpret_cast<const uint4*>(X) + tid;
-    const uint4* dy_slice = reinterpret_cast<const uint4*>(DY) + tid;
-    auto issue = [&](int bb) {
-      uint4* dst = s_buf + (bb % DW_NS) * DW_BT * 2 * DW_THR + tid;
 #pragma unroll
-      for (int k = 0; k < DW_BT; ++k) {
-        const int idx = bb * DW_BT + k;
-        if (idx < m) {
-          const unsigned row = s_row[idx];
-          hy_cp16(dst + (2 * k + 0) * DW_THR, x_slice + row);
-          hy_cp16(dst + (2 * k + 1) * DW_THR, dy_slice + row);
+      for (int i = 0; i < 2; ++i) {  // pairs past WD: everything from the whole rows
+        for (tw_u32 m = __ballot_sync(TW_FULL_MASK, redo[i]); m; m &= m - 1u) {
+          const int src = __ffs(m) - 1;
+          const size_t rs = (size_t)__shfl_sync(TW_FULL_MASK, tok[i], src) * (D / 8);
+          const hy_dots p = hy_pair_dots<1>(x4 + rs, reinterpret_cast<const uint4*>(DY) + rs, WG, WU, WDT, j);
+          const hy_coef c = hy_pair_coef(p.d, fmaxf(p.g, 0.f), p.u, dl1);
+          if (lane == src) {
+            dg[i] = c.dg;
+            du[i] = c.du;
+          }
         }
       }
-    };
-#pragma unroll
-    for (int s = 0; s < DW_NS - 1; ++s) {
-      if (s < nb) issue(s);
-      hy_cp_commit();
-    }
-    for (int b = 0; b < nb; ++b) {
-      if (b + DW_NS - 1 < nb) issue(b + DW_NS - 1);
-      hy_cp_commit();
-      hy_cp_wait<DW_NS - 1>();
-      const int stage = b % DW_NS;
-      const int k0 = b * DW_BT;
-      const int kn = hy_min(DW_BT, m - k0);
-      // this thread's x and dy slices of the batch stay in its shared memory slots (the stage is
-      // refilled only in the next iteration): read twice rather than held in registers
-      const uint4* xs = s_buf + (stage * DW_BT * 2 + 0) * DW_THR + tid;  // token k: xs[2 * k * DW_THR]
-      const uint4* ys = s_buf + (stage * DW_BT * 2 + 1) * DW_THR + tid;
-      bool recompute = false;
-#pragma unroll
-      for (int k = 0; k < DW_BT; ++k) recompute |= (k < kn) && s_rank[k0 + k] >= W;
-      // partial dot products over this thread's 8 columns, reduced over the CTA. Where every pair of
-      // the batch has its (a, u) stored, h is known now and dWd takes its axpy here, from the dy just
-      // unpacked; a batch that recomputes takes it after the barrier, with the recomputed h. Each
-      // thread adds its tokens in list order either way.
-      float part[3 * DW_BT];
-#pragma unroll
-      for (int k = 0; k < DW_BT; ++k) {
-        float fy[8];
-        hy_unpack8(k < kn ? ys[2 * k * DW_THR] : hy_zero4(), fy);
-        float pd = 0.f, pg = 0.f, pu = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) pd = fmaf(fy[e], wd[e], pd);
-        if (recompute) {
-          float fx[8], fw[8];
-          hy_unpack8(k < kn ? xs[2 * k * DW_THR] : hy_zero4(), fx);
-          hy_unpack8(wgq, fw);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) pg = fmaf(fx[e], fw[e], pg);
+      hy_ring_tokens<DWX_C, DWX_DEPTH>(x4, tok, n, q0, ring, [&](const int k, const uint4 (&q)[DWX_C]) {
+        const float gk = hy_of_token(dg, k);
 #if HY_GATED
-          hy_unpack8(wuq, fw);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) pu = fmaf(fx[e], fw[e], pu);
-#endif
-        } else if (k < kn) {
-          const float2 au_k = s_au[k0 + k];
-#if HY_GATED
-          const float h = au_k.x * au_k.y;
-#else
-          const float h = au_k.x;
+        const float uk = hy_of_token(du, k);
 #endif
 #pragma unroll
-          for (int e = 0; e < 8; ++e) ad[e] = fmaf(h, fy[e], ad[e]);
+        for (int c = 0; c < DWX_C; ++c) {
+          float f[8];
+          hy_unpack8(q[c], f);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            ag[c][e] = fmaf(gk, f[e], ag[c][e]);
+#if HY_GATED
+            au[c][e] = fmaf(uk, f[e], au[c][e]);
+#endif
+          }
         }
-        part[3 * k + 0] = pd;
-        part[3 * k + 1] = pg;
-        part[3 * k + 2] = pu;
-      }
-      // lanes 4k .. 4k + 3 end with token k's warp totals (the same sums as a butterfly per value);
-      // the (pg, pu) slots are written only by batches that recompute, the only ones that read them
-      const int k_lane = lane >> 2;
-      const bool writer = (lane & 3) == 0 && k_lane < DW_BT;
-      {
-        float v[DW_BT];
-#pragma unroll
-        for (int k = 0; k < DW_BT; ++k) v[k] = part[3 * k];
-        const float total = hy_warp_sum_by_lane<DW_BT>(v, lane);
-        if (writer) s_part[warp][3 * k_lane] = total;
-      }
-      if (recompute) {
-#pragma unroll
-        for (int c = 1; c < 3; ++c) {
-          float v[DW_BT];
-#pragma unroll
-          for (int k = 0; k < DW_BT; ++k) v[k] = part[3 * k + c];
-          const float total = hy_warp_sum_by_lane<DW_BT>(v, lane);
-          if (writer) s_part[warp][3 * k_lane + c] = total;
-        }
-      }
-      __syncthreads();
-      if (tid < kn) {
-        const int k = tid;
-        float pd = 0.f, pg = 0.f, pu = 0.f;
-#pragma unroll
-        for (int w = 0; w < DW_WARPS; ++w) {
-          pd += s_part[w][3 * k + 0];
-          pg += s_part[w][3 * k + 1];
-          pu += s_part[w][3 * k + 2];
-        }
-        const int t = s_tok[k0 + k];
-        const int rank = s_rank[k0 + k];
-        float a, u;
-        if (rank < W) {
-          const float2 e = s_au[k0 + k];
-          a = e.x;
-          u = e.y;
-        } else {
-          a = fmaxf(pg, 0.f);
-          u = pu;
-        }
+      });
+    });
+    hy_dw_out<DWX_C>(ag, q0, it.split, DWG + (size_t)j * D, ACC + (size_t)j * 3 * D);
 #if HY_GATED
-        const float h = a * u;
-        const float dh = pd + __ldg(dl1p) * hy_sign(h);
-        const float du = dh * a;
-        // ReLU's derivative is the bitmask's (the bf16 gate GEMM's sign), also for a recomputed pair
-        // whose float32 pre-activation rounds the other way (a = 0): as in bf16 autograd
-        const float dg = dh * u;
-#else
-        (void)u;
-        const float h = a;
-        const float dh = pd + __ldg(dl1p) * hy_sign(h);
-        const float du = 0.f;
-        const float dg = dh;
+    hy_dw_out<DWX_C>(au, q0, it.split, DWU + (size_t)j * D, ACC + ((size_t)j * 3 + 1) * D);
 #endif
-        s_coef[k][0] = dg;
-        s_coef[k][1] = du;
-        s_coef[k][2] = h;
-        if (rank < WD) ell_d[(size_t)t * WD + rank] = hy_f2(dg, du);
-      }
-      if (tid == 0 && sweep > 0 && s_range[2] == 1) atomicAdd(progress, kn);  // the sweep counts one-item walks
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < DW_BT; ++k) {
-        if (k < kn) {
-          const uint4 xq = xs[2 * k * DW_THR];
-          hy_axpy8(ag, s_coef[k][0], xq);
-#if HY_GATED
-          hy_axpy8(au, s_coef[k][1], xq);
-#endif
-          if (recompute) hy_axpy8(ad, s_coef[k][2], ys[2 * k * DW_THR]);
-        }
-      }
-    }
-    }
-  }
-  hy_cp_wait<0>();
-  if (s_range[2] > 1) {  // a split unit: float32 partial rows, written out by hy_dw_finish
-    float* acc = ACC + (size_t)j * 3 * D + tid * 8;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      atomicAdd(acc + k, ag[k]);
-      atomicAdd(acc + 2 * D + k, ad[k]);
-#if HY_GATED
-      atomicAdd(acc + D + k, au[k]);
-#endif
-    }
-  } else {
-    tw_st16(reinterpret_cast<uint4*>(DWG + (size_t)j * D) + tid, hy_pack8(ag), tw_policy_stream());
-#if HY_GATED
-    tw_st16(reinterpret_cast<uint4*>(DWU + (size_t)j * D) + tid, hy_pack8(au), tw_policy_stream());
-#endif
-    tw_st16(reinterpret_cast<uint4*>(DWDT + (size_t)j * D) + tid, hy_pack8(ad), tw_policy_stream());
-  }
-  __syncthreads();  // shared lists and partials are reused by the next item
   }
 }
 
-// hy_dw_plan: one CTA of 1024 threads. item_start[j] = number of work items of the units before j
-// (FF + 1 entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items; then hy_dw's sweep
-// inputs: the active pairs of the one-item units (item_start[FF + 1]), its progress counter, zeroed
-// (item_start[FF + 2]), and the number of one-item units (item_start[FF + 3]). order[i] = unit << 16
-// | part (as unsigned bits) of the i-th item hy_dw takes: first the split units' items, by where
-// their part lies in the unit's token list (hy_part_bucket), so that the items running together
-// read x and dy rows of nearby tokens; then the one-item units in index order (which the token sweep
-// keeps together). With by_place = 0 every unit's items follow in index order instead (for A/B
-// runs). `rank` (FF entries) is scratch.
-constexpr int DW_BUCKETS = 64;
+// ---------------------------------------------------------------------------------------------
+// hy_dx: dX_t = sum over active j of dg_tj * WG_j + du_tj * WU_j; warp per token, long rows split
+// as hy_forward's. (dg, du) of ranks < WD come from PD's parts and (a, u) (the ELL or AU), past WD
+// from the whole rows (hy_pair_dots).
+
+// acc += the pairs of row t in the words w with w % step == sel (hy_row_pairs)
+__device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int step, const tw_u16* __restrict__ X,
+                                          const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+                                          const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT,
+                                          const tw_u32* __restrict__ mrow, const float2* __restrict__ ell,
+                                          const float2* __restrict__ AU, const float* __restrict__ PD, float dl1,
+                                          int nw, int W, int WD) {
+  const int lane = threadIdx.x & 31;
+  const tw_u64 pol_w = tw_policy_keep();
+  const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
+  const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
+  hy_row_pairs(mrow + (size_t)t * nw, nw, sel, step, [&](const int j, const int rank) {
+    hy_coef c;
+    if (rank < WD) {
+      const size_t slot = (size_t)t * WD + rank;
+      float pd = 0.f;
+#pragma unroll
+      for (int s = 0; s < DWY_SLICES; ++s) pd += __ldg(PD + slot * DWY_SLICES + s);
+      const float2 e = rank < W ? __ldg(ell + (size_t)t * W + rank) : __ldg(AU + slot);
+      c = hy_pair_coef(pd, e.x, e.y, dl1);
+    } else {
+      const hy_dots p = hy_pair_dots(xrow, dyrow, WG, WU, WDT, j);
+      c = hy_pair_coef(p.d, fmaxf(p.g, 0.f), p.u, dl1);
+    }
+    const uint4* wgr = reinterpret_cast<const uint4*>(WG + (size_t)j * D);
+#if HY_GATED
+    const uint4* wur = reinterpret_cast<const uint4*>(WU + (size_t)j * D);
+    uint4 wg[NC], wu[NC];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      wg[k] = tw_ld16(wgr + k * 32 + lane, pol_w);
+      wu[k] = tw_ld16(wur + k * 32 + lane, pol_w);
+    }
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      hy_axpy8(acc[k], c.dg, wg[k]);
+      hy_axpy8(acc[k], c.du, wu[k]);
+    }
+#else
+    uint4 wg[NC];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) wg[k] = tw_ld16(wgr + k * 32 + lane, pol_w);
+#pragma unroll
+    for (int k = 0; k < NC; ++k) hy_axpy8(acc[k], c.dg, wg[k]);
+#endif
+  });
+}
+
+// d_model <= 512: ask ptxas for 4 resident CTAs (left alone it settles on 40 registers and a small
+// spill at 256); larger: its own choice (about 150 registers at 2048, 3 CTAs an SM) beats any cap.
+#if HY_D <= 512
+#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32, 4)
+#else
+#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32)
+#endif
+extern "C" __global__ void HY_DX_BOUNDS
+hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16* __restrict__ WG,
+      const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT, const tw_u32* __restrict__ mrow,
+      const float2* __restrict__ ell, const float2* __restrict__ AU, const float* __restrict__ PD,
+      const float* __restrict__ dl1p, tw_u16* __restrict__ DX, const int* __restrict__ order,
+      const int* __restrict__ split_count, float* __restrict__ part_dx, int R, int N, int FF, int W, int WD) {
+  const int lane = threadIdx.x & 31;
+  const hy_work work = hy_row_work(order, split_count, R, N);
+  if (work.t < 0) return;
+  float acc[NC][8];
+  hy_zero_acc(acc);
+  hy_dx_row(acc, work.t, work.part < 0 ? 0 : work.part, work.part < 0 ? 1 : ROW_PARTS, X, DY, WG, WU, WDT, mrow,
+            ell, AU, PD, __ldg(dl1p), FF >> 5, W, WD);
+  if (work.part >= 0) {
+    hy_store_part(part_dx + ((size_t)work.index * ROW_PARTS + work.part) * D, acc);
+    return;
+  }
+  const tw_u64 pol_s = tw_policy_stream();
+  uint4* dxrow = reinterpret_cast<uint4*>(DX + (size_t)work.t * D);
+#pragma unroll
+  for (int c = 0; c < NC; ++c) tw_st16(dxrow + c * 32 + lane, hy_pack8(acc[c]), pol_s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// hy_dw_plan: one CTA of 1024 threads. item_start[j] = the work items of the units before j (FF + 1
+// entries), where unit j has max(1, ceil(neuron_counts[j] / part)) items (its token list positions
+// [k*part, (k+1)*part), the last one taking the rest); item_start[FF + 1] and [FF + 2] are hy_dwy's
+// and hy_dwx's item counters, zeroed. order[i] = unit << 16 | part (as unsigned bits) of the i-th
+// item: the split units' parts first (the longest items start first), then the one-item units.
+// `rank` (FF entries) is scratch.
 __device__ __forceinline__ int hy_unit_items(int count, int part) { return max(1, (count + part - 1) / part); }
-// Bucket of part k of a unit's n_items parts: where the middle of the part lies in the unit's list.
-__device__ __forceinline__ int hy_part_bucket(int k, int n_items) { return (2 * k + 1) * DW_BUCKETS / (2 * n_items); }
 
 extern "C" __global__ void __launch_bounds__(1024)
-hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, int* order, int FF, int part,
-           int by_place) {
+hy_dw_plan(const int* __restrict__ neuron_counts, int* item_start, int* rank, int* order, int FF, int part) {
   __shared__ int warp_sums[32];
-  __shared__ int s_pairs;
-  __shared__ int s_bucket[DW_BUCKETS], s_fill[DW_BUCKETS];
-  if (threadIdx.x == 0) s_pairs = 0;
-  if (threadIdx.x < DW_BUCKETS) s_bucket[threadIdx.x] = s_fill[threadIdx.x] = 0;
-  __syncthreads();
-  int pairs = 0;  // of the one-item units
   for (int j = threadIdx.x; j <= FF; j += 1024) {
-    const int count = j < FF ? __ldg(neuron_counts + j) : 0;
-    const int items = j < FF ? hy_unit_items(count, part) : 0;
+    const int items = j < FF ? hy_unit_items(__ldg(neuron_counts + j), part) : 0;
     item_start[j] = items;
     if (j < FF) rank[j] = items == 1;
-    if (items == 1) pairs += count;
-    for (int k = 0; items > 1 && k < items; ++k) atomicAdd(&s_bucket[hy_part_bucket(k, items)], 1);
   }
-  for (int o = 16; o > 0; o >>= 1) pairs += __shfl_xor_sync(0xFFFFFFFFu, pairs, o);
-  if ((threadIdx.x & 31) == 0) atomicAdd(&s_pairs, pairs);
   const int items = tw_block_exclusive_scan<1024>(item_start, FF + 1, warp_sums);
-  const int singles = tw_block_exclusive_scan<1024>(rank, FF, warp_sums);  // rank among the one-item units
-  const int split_items = items - singles;
-  if (threadIdx.x == 0) {  // bucket starts
-    int run = 0;
-    for (int b = 0; b < DW_BUCKETS; ++b) {
-      const int n = s_bucket[b];
-      s_bucket[b] = run;
-      run += n;
-    }
-  }
-  __syncthreads();
+  const int singles = tw_block_exclusive_scan<1024>(rank, FF, warp_sums);  // one-item units before j
   for (int j = threadIdx.x; j < FF; j += 1024) {
     const int n_items = item_start[j + 1] - item_start[j];
-    if (!by_place) {
-      for (int k = 0; k < n_items; ++k) order[item_start[j] + k] = (int)(((unsigned)j << 16) | k);
-    } else if (n_items == 1) {
-      order[split_items + rank[j]] = (int)((unsigned)j << 16);
+    if (n_items == 1) {
+      order[items - singles + rank[j]] = (int)((unsigned)j << 16);
     } else {
-      for (int k = 0; k < n_items; ++k) {
-        const int b = hy_part_bucket(k, n_items);
-        order[s_bucket[b] + atomicAdd(&s_fill[b], 1)] = (int)(((unsigned)j << 16) | k);
-      }
+      for (int k = 0; k < n_items; ++k) order[item_start[j] - rank[j] + k] = (int)(((unsigned)j << 16) | k);
     }
   }
   if (threadIdx.x == 0) {
-    item_start[FF + 1] = s_pairs;
+    item_start[FF + 1] = 0;
     item_start[FF + 2] = 0;
-    item_start[FF + 3] = singles;
   }
 }
 

@@ -1,5 +1,5 @@
-"""The weight-gradient kernels ("dW" below: hy_dw, or hy_fill_au + hy_dwy + hy_dwx in the two-pass
-experiment of NOTES_hybrid v17, commit 70f8700) on a whole model's activations: bench_model's calibrated model (default 2b: d 2048, d_ff 5632,
+"""The weight-gradient kernels ("dW" below: hy_fill_au + hy_dwy + hy_dwx since v20; hy_dw before, and in
+the two-pass experiment of NOTES_hybrid v17, commit 70f8700, the same three names) on a whole model's activations: bench_model's calibrated model (default 2b: d 2048, d_ff 5632,
 16384 tokens a micro-batch) on its calibration micro-batch. Per FFN layer, the layer's own input and
 weights go through one hybrid fwd+bwd (random dy): the per-unit token counts (mean, max, units split
 over several items: >= DW_SPLIT_TOKENS) beside hy_forward / hy_dw / hy_dx device times, and hy_dw's time
@@ -7,8 +7,7 @@ at the uniform benchmark's rate per pair; and the row lengths (active units per 
 enough to be split over warps in hy_forward / hy_dx). Where hy_dw runs far over that rate, its inputs (heavy units,
 token order) and not its per-pair cost are what the model pays for.
 
-    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] [DW_MODEL_PART_ORDER_AB=1] [DW_MODEL_SWEEP_AB=1]
-    [DW_MODEL_PARTS=1] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
+    [DW_MODEL_SPLIT_ROWS=256,1024] [DW_MODEL_DW_SPLITS=256,1024] [DW_MODEL_PARTS=1] PYTHONPATH=$PWD:/tmp/site python kernels/experiments/dw_model.py [2b] [29] [layers ...]
 """
 import os
 import sys
@@ -29,10 +28,7 @@ only = {int(a) for a in sys.argv[3:]}
 variants = [int(v) for v in os.environ.get("DW_MODEL_SPLIT_ROWS", str(hybrid.SPLIT_ROWS)).split(",")]
 # DW_SPLIT_TOKENS values to time besides the default; e.g. DW_MODEL_DW_SPLITS=256,1024
 dw_splits = [int(v) for v in os.environ.get("DW_MODEL_DW_SPLITS", "").split(",") if v]
-# DW_MODEL_SWEEP_AB=1: also time with hybrid.DW_SWEEP off; DW_MODEL_PARTS=1: print each dW kernel's time
-sweep_ab = os.environ.get("DW_MODEL_SWEEP_AB", "0") == "1"
-# DW_MODEL_PART_ORDER_AB=1: also time hy_dw with hybrid.DW_PART_ORDER off (split units' parts in unit order)
-part_order_ab = os.environ.get("DW_MODEL_PART_ORDER_AB", "0") == "1"
+# DW_MODEL_PARTS=1: print each dW kernel's time
 UNIFORM_NS_PER_PAIR = 2.14  # hy_dw on the uniform benchmark, 16384 tokens (experiments/kernel_scaling.py)
 hybrid.SPLIT_ROWS = variants[0]
 world = init_distributed("cuda")
@@ -84,12 +80,6 @@ with model_trainer(model_name, world) as trainer:
         for split_tokens in dw_splits:  # other unit splits, for comparison
             ms = kernel_ms(step, DW_SPLIT_TOKENS=split_tokens)
             print(f"{layer:5d} | dw split {split_tokens}: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
-        if sweep_ab:  # every walk from token 0, for comparison
-            ms = kernel_ms(step, DW_SWEEP=False)
-            print(f"{layer:5d} | no token sweep: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
-        if part_order_ab:  # split units' parts in unit order, for comparison
-            ms = kernel_ms(step, DW_PART_ORDER=False)
-            print(f"{layer:5d} | parts in unit order: {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f}", flush=True)
         ms = kernel_ms(step)
         pairs = units.sum().item()
         uniform = pairs * UNIFORM_NS_PER_PAIR / 1e6

@@ -13,7 +13,7 @@ import torch
 from triton.testing import do_bench
 
 from sparse_llm.kernels import hybrid
-from sparse_llm.kernels.bench_training import _kernel_ms
+from sparse_llm.kernels.bench_training import _main_kernel_ms
 from sparse_llm.kernels.synthetic import hybrid_training_step, make_synthetic_ffn
 
 positions = int(sys.argv[1]) if len(sys.argv) > 1 else 24
@@ -34,6 +34,6 @@ print("SPLIT_ROWS BACKWARD_ELL_WIDTH | hy_forward hy_dw hy_dx ms | fwd+bwd ms (q
 for round_ in range(2):
     for split_rows, width_d in variants:
         hybrid.SPLIT_ROWS, hybrid.BACKWARD_ELL_WIDTH = split_rows, width_d
-        ms = [_kernel_ms(step, k) for k in ("hy_forward", "hy_dw", "hy_dx")]
+        ms = list(_main_kernel_ms(step).values())  # hy_forward, dW, hy_dx
         total = do_bench(step, warmup=10, rep=100)
         print(f"{split_rows:5d} {width_d:5d} | {ms[0]:.3f} {ms[1]:.3f} {ms[2]:.3f} | {total:.3f}", flush=True)
