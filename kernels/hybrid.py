@@ -40,6 +40,10 @@ DW_PASS_SHAPE = (4, 4, 8)
 # are split over ROW_PARTS warps each, instead of one warp taking the row: in whole models the first
 # positions of each sequence activate hundreds to thousands of units where the mean is ~30.
 SPLIT_ROWS, SPLIT_ROW_UNITS = 256, 128
+# hy_fill_au splits up to this many rows (of at least SPLIT_ROW_UNITS units) the same way: it writes each
+# pair's (a, u) on its own, so more rows cost it no partial sums (on the heavy-tailed benchmark rows
+# past the 256 longest still had dozens of pairs past the saved ELL, one warp each).
+FILL_SPLIT_ROWS = 1024
 BACKWARD_ELL_WIDTH = 1024  # ranks stored through the backward at 16 bytes a pair, see backward_ell_width
 ROW_PARTS = 16  # = ROW_PARTS in hybrid.cu
 # The gate GEMM: on Hopper, where the TwELL gate kernel takes the shape, the GEMM with the TwELL pack
@@ -305,10 +309,11 @@ def _bwd_cuda(dy, dl1, x, w_gate, w_up, w_down, mrow, tprefix, ell, neuron_count
     if n > 0:
         launch(_kernel("hy_transpose", dev, d_model, gated, dt), (-(-wc // _TR_BLOCKS), (nw + 7) // 8), (256,),
                (ptr(mrow), ptr(mcol), i32(n), i32(d_ff)))
-        if width_d > width:
-            launch(_kernel("hy_fill_au", dev, d_model, gated, dt), _row_grid(n, rows), (_FWD_WARPS * 32,),
+        if width_d > width:  # rows split over warps: up to FILL_SPLIT_ROWS (it keeps no partial sums)
+            fill_rows = min(FILL_SPLIT_ROWS, n)
+            launch(_kernel("hy_fill_au", dev, d_model, gated, dt), _row_grid(n, fill_rows), (_FWD_WARPS * 32,),
                    (ptr(x), ptr(wg), ptr(w_up if gated else None), ptr(mrow), ptr(tprefix), ptr(au), ptr(order),
-                    ptr(split_rows), i32(rows), i32(n), i32(d_ff), i32(width), i32(width_d)))
+                    ptr(split_rows), i32(fill_rows), i32(n), i32(d_ff), i32(width), i32(width_d)))
     threads = d_model // 8
     # work items: units split into DW_SPLIT_TOKENS-token parts (every unit at least one item), in the
     # order hy_dw_plan writes (split units' parts first)

@@ -664,6 +664,19 @@ constexpr int DWY_MINB = 2, DWX_MINB = 2;
 constexpr int DWY_MINB = 1, DWX_MINB = 1;
 #endif
 
+// (dg, du, h) of a pair of rank r < WD in row t from the backward's store: hy_dwy's parts of dy_t.Wd_j
+// (summed in slice order) and (a, u) from the ELL (r < W) or AU.
+__device__ __forceinline__ hy_coef hy_stored_coef(const float* __restrict__ PD, const float2* __restrict__ ell,
+                                                  const float2* __restrict__ AU, int t, int r, int W, int WD,
+                                                  float dl1) {
+  const size_t slot = (size_t)t * WD + r;
+  float pd = 0.f;
+#pragma unroll
+  for (int s = 0; s < DWY_SLICES; ++s) pd += __ldg(PD + slot * DWY_SLICES + s);
+  const float2 e = r < W ? __ldg(ell + (size_t)t * W + r) : __ldg(AU + slot);
+  return hy_pair_coef(pd, e.x, e.y, dl1);
+}
+
 // hy_fill_au: (a, u) of every pair with rank in [W, WD), token-major as hy_dx (long rows split).
 extern "C" __global__ void __launch_bounds__(FWD_WARPS * 32)
 hy_fill_au(const tw_u16* __restrict__ X, const tw_u16* __restrict__ WG, const tw_u16* __restrict__ WU,
@@ -959,12 +972,7 @@ hy_dwx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16
           const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
           tok[i] = t;
           if (r < WD) {
-            const size_t slot = (size_t)t * WD + r;
-            float pd = 0.f;
-#pragma unroll
-            for (int s = 0; s < DWY_SLICES; ++s) pd += __ldg(PD + slot * DWY_SLICES + s);
-            const float2 e = r < W ? __ldg(ell + (size_t)t * W + r) : __ldg(AU + slot);
-            const hy_coef c = hy_pair_coef(pd, e.x, e.y, dl1);
+            const hy_coef c = hy_stored_coef(PD, ell, AU, t, r, W, WD, dl1);
             dg[i] = c.dg;
             du[i] = c.du;
           } else {
@@ -1022,20 +1030,30 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
                                           const tw_u16* __restrict__ WU, const tw_u16* __restrict__ WDT,
                                           const tw_u32* __restrict__ mrow, const float2* __restrict__ ell,
                                           const float2* __restrict__ AU, const float* __restrict__ PD, float dl1,
-                                          int nw, int W, int WD) {
+                                          int nw, int W, int WD, float2* pref) {
+  // pref (the warp's shared slots): whole rows keep there the (dg, du) of ranks 32 * (rank / 32) + lane
+  // (in shared memory rather than registers: at d_model 2048 two more registers made ptxas spill)
   const int lane = threadIdx.x & 31;
   const tw_u64 pol_w = tw_policy_keep();
   const uint4* xrow = reinterpret_cast<const uint4*>(X + (size_t)t * D);
   const uint4* dyrow = reinterpret_cast<const uint4*>(DY + (size_t)t * D);
   hy_row_pairs(mrow + (size_t)t * nw, nw, sel, step, [&](const int j, const int rank) {
     hy_coef c;
-    if (rank < WD) {
-      const size_t slot = (size_t)t * WD + rank;
-      float pd = 0.f;
-#pragma unroll
-      for (int s = 0; s < DWY_SLICES; ++s) pd += __ldg(PD + slot * DWY_SLICES + s);
-      const float2 e = rank < W ? __ldg(ell + (size_t)t * W + rank) : __ldg(AU + slot);
-      c = hy_pair_coef(pd, e.x, e.y, dl1);
+    if (rank < WD && step == 1) {  // every rank in turn: 32 pairs' coefficients a warp's loads at a time
+      if ((rank & 31) == 0) {
+        const int r = rank + lane;  // ranks past the row's count read unused slots: never selected
+        __syncwarp();               // the last block's slots are read
+        if (r < WD) {
+          const hy_coef cr = hy_stored_coef(PD, ell, AU, t, r, W, WD, dl1);
+          pref[lane] = hy_f2(cr.dg, cr.du);
+        }
+        __syncwarp();
+      }
+      const float2 p = pref[rank & 31];
+      c.dg = p.x;
+      c.du = p.y;
+    } else if (rank < WD) {
+      c = hy_stored_coef(PD, ell, AU, t, rank, W, WD, dl1);
     } else {
       const hy_dots p = hy_pair_dots(xrow, dyrow, WG, WU, WDT, j);
       c = hy_pair_coef(p.d, fmaxf(p.g, 0.f), p.u, dl1);
@@ -1065,9 +1083,13 @@ __device__ __forceinline__ void hy_dx_row(float acc[NC][8], int t, int sel, int 
 }
 
 // d_model <= 512: ask ptxas for 4 resident CTAs (left alone it settles on 40 registers and a small
-// spill at 256); larger: its own choice (about 150 registers at 2048, 3 CTAs an SM) beats any cap.
+// spill at 256); up to 2048 on Hopper: 3 (~168 registers at 2048, where left alone it took 128 and
+// spilled 80 bytes); else its own choice (a cap of 3 CTAs spilled 20-100 bytes from 2304 up, and 16
+// bytes at 2048 on sm_80).
 #if HY_D <= 512
 #define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32, 4)
+#elif HY_D <= 2048 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32, 3)
 #else
 #define HY_DX_BOUNDS __launch_bounds__(FWD_WARPS * 32)
 #endif
@@ -1078,12 +1100,13 @@ hy_dx(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16*
       const float* __restrict__ dl1p, tw_u16* __restrict__ DX, const int* __restrict__ order,
       const int* __restrict__ split_count, float* __restrict__ part_dx, int R, int N, int FF, int W, int WD) {
   const int lane = threadIdx.x & 31;
+  __shared__ float2 s_pref[FWD_WARPS][32];
   const hy_work work = hy_row_work(order, split_count, R, N);
   if (work.t < 0) return;
   float acc[NC][8];
   hy_zero_acc(acc);
   hy_dx_row(acc, work.t, work.part < 0 ? 0 : work.part, work.part < 0 ? 1 : ROW_PARTS, X, DY, WG, WU, WDT, mrow,
-            ell, AU, PD, __ldg(dl1p), FF >> 5, W, WD);
+            ell, AU, PD, __ldg(dl1p), FF >> 5, W, WD, s_pref[threadIdx.x >> 5]);
   if (work.part >= 0) {
     hy_store_part(part_dx + ((size_t)work.index * ROW_PARTS + work.part) * D, acc);
     return;
