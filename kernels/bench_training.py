@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="", help="write the rows to this file")
     p.add_argument("--fwd-minb", default="", help="with --profile: hy_forward times for these min-blocks")
     p.add_argument("--dw-splits", default="", help="with --profile: dW pass times for these unit split sizes")
-    p.add_argument("--dw-split", type=int, default=512, help="dW passes: tokens per item of a split unit")
+    p.add_argument("--dw-split", type=int, default=256, help="dW passes: tokens per item of a split unit")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the training bench needs a CUDA GPU")

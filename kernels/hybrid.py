@@ -30,8 +30,9 @@ _TR_BLOCKS = 4  # = TR_BLOCKS in hybrid.cu: 32-token blocks per warp of hy_trans
 _DW_THREADS = 256  # = DW_CTA_WARPS * 32 in hybrid.cu: the dW passes' CTAs (a warp per item)
 # The dW passes (hy_dwy, hy_dwx): a unit active on more tokens than this (by the forward's neuron counts)
 # is split into items of this many tokens each, so a unit that fires on most tokens does not become
-# the passes' tail; the items add float32 rows (order-dependent in the last bits).
-DW_SPLIT_TOKENS = 512
+# the passes' tail; the items add float32 rows (order-dependent in the last bits). In the calibrated 2B
+# model's layers (~100 units on 512 to all 16384 tokens) 256 beat 128, 512 and 2048 (NOTES_hybrid v20).
+DW_SPLIT_TOKENS = 256
 # The dW passes' shape (= HY_DWY_C, HY_DWY_DEPTH, HY_DWX_DEPTH in hybrid.cu): hy_dwy's 256-column chunks
 # a slice (the parts of dy.Wd_j stored per pair are d_model / 256 / that), and the tokens in each pass's
 # per-warp cp.async ring; other values (for experiments/dw_pass_shapes.py) compile their own modules.

@@ -145,8 +145,9 @@ def test_dense_unit_many_tokens():
 
 @pytest.mark.parametrize("d", [2304, 3072, 3584, 4096])
 def test_wide_d_model(d):
-    # past d_model 2048: hy_dw with one CTA an SM asked of ptxas, hy_forward with the row of x in
-    # shared memory (from 2816); rows past the ELL and a dense row
+    # past d_model 2048: hy_dwy's slices of 1 or 2 chunks where d_model / 256 is odd or not a multiple
+    # of 4 (9, 12, 14, 16 chunks: 9, 3, 7, 4 stored parts a pair), hy_dx with ptxas's own register
+    # choice, hy_forward with the row of x in shared memory (from 2816); rows past the ELL and a dense row
     check_case(*make_inputs(600, d, 1024, torch.bfloat16, mean_active=12, adversarial=True), width=16)
 
 
@@ -264,7 +265,7 @@ def test_backward_ell_width(width_d, monkeypatch):
 
 
 def test_balance_inputs_only_change_the_balance():
-    # the forward's neuron counts size hy_dw's work items and its row plan orders and splits the rows
+    # the forward's neuron counts size the dW passes' work items and its row plan orders and splits the rows
     # of hy_dx: zero or inflated counts, any permutation and any split count give the same gradients
     x, wg, wu, wd, dy = make_inputs(900, 256, 512, torch.bfloat16, mean_active=12, dense_unit=True)
     fwd = torch.ops.sparse_llm.hybrid_ffn_fwd(x, wg, wu, wd, 8)

@@ -261,7 +261,7 @@ def test_router_smoothing_and_state():
 # ---------------------------------------------------------------------------------------------- CUDA sources
 
 HYBRID_SOURCES = ["hybrid.cu"]
-# 3072 and 3584: hy_forward with the row of x in shared memory, hy_dw with one CTA an SM asked of ptxas
+# 3072 and 3584: hy_forward with the row of x in shared memory; hy_dwy and hy_dwx at their widest slices
 DEFINE_SETS = [{"HY_D": 2048, "HY_GATED": 1, "HY_DTYPE": 0}, {"HY_D": 256, "HY_GATED": 0, "HY_DTYPE": 1},
                {"HY_D": 512, "HY_GATED": 1, "HY_DTYPE": 1}, {"HY_D": 2048, "HY_GATED": 1, "HY_FWD_MINB": 4},
                {"HY_D": 3072, "HY_GATED": 1, "HY_DTYPE": 0}, {"HY_D": 3584, "HY_GATED": 1, "HY_DTYPE": 1}]
