@@ -454,7 +454,7 @@ def hybrid_ffn(x: Tensor, w_gate: Optional[Tensor], w_up: Tensor, w_down: Tensor
 
 # Active fraction (mean active units per token / d_ff) below which the hybrid kernels beat dense
 # fwd+bwd, measured by `python -m sparse_llm.kernels.bench training --sweep` (see NOTES_hybrid.md).
-CROSSOVER_ACTIVE_FRAC = 0.0093  # measured 2026-11-24, H100, bf16, d 2048, d_ff 5632, 16384 tokens (v6)
+CROSSOVER_ACTIVE_FRAC = 0.0138  # 2026-11-25, H100, bf16, d 2048, d_ff 5632, 16384 tokens (v20; v6: 0.0093)
 
 
 class HybridRouter:
