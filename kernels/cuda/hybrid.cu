@@ -665,8 +665,14 @@ constexpr int DWY_MINB = 2, DWX_MINB = 2;
 constexpr int DWY_MINB = 1, DWX_MINB = 1;
 #endif
 
+// (a, u) of a pair of rank r < WD in row t: the saved ELL's (r < W), else hy_fill_au's AU.
+__device__ __forceinline__ float2 hy_stored_au(const float2* __restrict__ ell, const float2* __restrict__ AU, int t,
+                                               int r, int W, int WD) {
+  return r < W ? __ldg(ell + (size_t)t * W + r) : __ldg(AU + (size_t)t * WD + r);
+}
+
 // (dg, du, h) of a pair of rank r < WD in row t from the backward's store: hy_dwy's parts of dy_t.Wd_j
-// (summed in slice order) and (a, u) from the ELL (r < W) or AU.
+// (summed in slice order) and (a, u).
 __device__ __forceinline__ hy_coef hy_stored_coef(const float* __restrict__ PD, const float2* __restrict__ ell,
                                                   const float2* __restrict__ AU, int t, int r, int W, int WD,
                                                   float dl1) {
@@ -674,7 +680,7 @@ __device__ __forceinline__ hy_coef hy_stored_coef(const float* __restrict__ PD, 
   float pd = 0.f;
 #pragma unroll
   for (int s = 0; s < DWY_SLICES; ++s) pd += __ldg(PD + slot * DWY_SLICES + s);
-  const float2 e = r < W ? __ldg(ell + (size_t)t * W + r) : __ldg(AU + slot);
+  const float2 e = hy_stored_au(ell, AU, t, r, W, WD);
   return hy_pair_coef(pd, e.x, e.y, dl1);
 }
 
@@ -917,16 +923,12 @@ hy_dwy(const tw_u16* __restrict__ X, const tw_u16* __restrict__ DY, const tw_u16
         if (k < n) {
           const int t = list[k];
           const int r = hy_rank(mrow, tprefix, t, j, nw, nt);
-          float2 e = hy_f2(0.f, 0.f);
-          if (r < W) e = __ldg(ell + (size_t)t * W + r);
-          else if (r < WD) e = __ldg(AU + (size_t)t * WD + r);
           tok[i] = t;
           rank[i] = r;
-#if HY_GATED
-          h[i] = e.x * e.y;
-#else
-          h[i] = e.x;
-#endif
+          if (r < WD) {
+            const float2 e = hy_stored_au(ell, AU, t, r, W, WD);
+            h[i] = hy_pair_coef(0.f, e.x, e.y, 0.f).h;
+          }
         }
       }
 #pragma unroll
